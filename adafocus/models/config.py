@@ -1,0 +1,115 @@
+"""The one dataclass that describes a Uni-AdaFocus model: architecture, sampling and crop arithmetic."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+FAMILIES = ("base", "tsm")
+
+
+@dataclass
+class ModelConfig:
+    """Everything needed to build a model and to feed it, and nothing about weights.
+
+    ``base`` is the ActivityNet/FCVID/Mini-Kinetics design: N candidate frames, every (N/Tg)-th one glanced,
+    K focus frames drawn from the temporal policy, one patch per focus frame, one exit per step.
+    ``tsm`` is the Something-Something/Jester design: one crop per video and two exits (glance, full).
+    """
+
+    family: str = "base"
+    num_classes: int = 200
+    # frames and sampling
+    frame_size: int = 224  # side of the square centre crop that both encoders see
+    resize_size: int = 256  # shorter side the decoded frame is resized to before the centre crop
+    glance_size: int = 224  # side the glance encoder sees (== frame_size upstream; smaller = downsampled)
+    num_segments: int = 48  # N candidate frames sampled from the video (TSN segment centres)
+    num_glance: int = 16  # Tg frames the global encoder sees
+    num_focus: int = 16  # K focus frames, one local step each (base)
+    patch_size: int = 128  # P: side of the patch the local encoder sees
+    crop_min: float = 96.0  # smallest crop-box side in frame pixels (upstream hard-codes 96)
+    crop_max: float = 224.0  # largest crop-box side in frame pixels (upstream hard-codes 224)
+    # global encoder (MobileNetV2)
+    glance_arch: str = "mobilenet_v2"
+    glance_width: float = 1.0
+    glance_last_channel: int | None = None  # None: MobileNetV2's own rule (1280 for width <= 1)
+    # local encoder (ResNet v1.5)
+    local_arch: str = "resnet50"
+    local_width: int = 64  # channels of the stem / first stage (64 = torchvision)
+    # policy and classifier
+    stn_hidden_dim: int = 128
+    temporal_hidden_dim: int = 64
+    mlp_dim: int = 4096
+    temperature: float = 1.0
+    dropout: float = 0.2
+    fc_dropout: float = 0.2
+    shift_div: int = 8  # TSM: 1/shift_div of the channels move each way
+    mean: tuple[float, float, float] = IMAGENET_MEAN
+    std: tuple[float, float, float] = IMAGENET_STD
+    labels: list[str] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        self.mean = tuple(float(v) for v in self.mean)
+        self.std = tuple(float(v) for v in self.std)
+        self.validate()
+
+    # ------------------------------------------------------------------------------------------------
+    def validate(self) -> None:
+        errors = []
+        if self.family not in FAMILIES:
+            errors.append(f"family must be one of {FAMILIES}, not {self.family!r}")
+        if self.num_classes < 1:
+            errors.append("num_classes must be >= 1")
+        if self.family == "base" and self.num_segments % self.num_glance:
+            errors.append("num_segments must be a multiple of num_glance")
+        if self.num_focus > self.candidates:
+            errors.append("num_focus cannot exceed the number of candidate frames")
+        if self.glance_size % 32 or self.glance_size < 32:
+            errors.append("glance_size must be a positive multiple of 32")
+        if not (0 < self.crop_min <= self.crop_max <= self.frame_size):
+            errors.append("need 0 < crop_min <= crop_max <= frame_size")
+        if self.labels and len(self.labels) != self.num_classes:
+            errors.append(f"{len(self.labels)} labels for {self.num_classes} classes")
+        if errors:
+            raise ValueError("invalid model config: " + "; ".join(errors))
+
+    @property
+    def candidates(self) -> int:
+        """Candidate frames the focus frames are drawn from (base: the N loaded; tsm: 3K)."""
+        return self.num_segments if self.family == "base" else 3 * self.num_focus
+
+    @property
+    def feature_size(self) -> int:
+        """Side of the glance feature map (stride 32)."""
+        return self.glance_size // 32
+
+    @property
+    def num_exits(self) -> int:
+        return self.num_focus + 1 if self.family == "base" else 2
+
+    @property
+    def patches_per_step(self) -> int:
+        """Patches the local engine consumes per step: 1 (base) or all K at once (tsm)."""
+        return 1 if self.family == "base" else self.num_focus
+
+    def label_names(self) -> list[str]:
+        return list(self.labels) if self.labels else [f"class_{i}" for i in range(self.num_classes)]
+
+    def to_dict(self) -> dict:
+        d = dataclasses.asdict(self)
+        d["mean"], d["std"] = list(self.mean), list(self.std)
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict) -> ModelConfig:
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(d) - names)
+        if unknown:
+            raise ValueError(f"unknown model config keys: {', '.join(unknown)}")
+        return cls(**d)
+
+    def replace(self, **changes) -> ModelConfig:
+        return dataclasses.replace(self, **changes)

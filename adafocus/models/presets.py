@@ -1,0 +1,63 @@
+"""Named model configurations: upstream's published ones, and ``tiny`` for the demo and the tests."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from adafocus.errors import AdaFocusError
+from adafocus.models.config import ModelConfig
+
+
+@dataclass(frozen=True)
+class Preset:
+    name: str
+    description: str
+    config: ModelConfig
+
+    def to_dict(self) -> dict:
+        return {"name": self.name, "description": self.description, "config": self.config.to_dict()}
+
+
+_PRESETS: dict[str, Preset] = {}
+
+
+def register(name: str, description: str, config: ModelConfig) -> None:
+    _PRESETS[name] = Preset(name, description, config)
+
+
+for _p in (96, 128, 160, 192):
+    register(f"base-p{_p}", f"Uni-AdaFocus (ActivityNet/FCVID/Mini-Kinetics): MobileNetV2 + ResNet-50, 48 "
+             f"candidates, 16 glance + 16 focus, patch {_p}, 17 exits; 200 classes",
+             ModelConfig(family="base", num_classes=200, patch_size=_p))
+
+for _p, _k in ((96, 8), (96, 12), (128, 12), (128, 16)):
+    register(f"tsm-p{_p}-8x{_k}", f"Uni-AdaFocus-TSM (Something-Something/Jester): TSM-MobileNetV2 + "
+             f"TSM-ResNet-50, 8 glance + {_k} focus of {3 * _k} candidates, patch {_p}, 2 exits; 174 classes",
+             ModelConfig(family="tsm", num_classes=174, num_segments=3 * _k, num_glance=8, num_focus=_k,
+                         patch_size=_p, dropout=0.5, fc_dropout=0.5))
+
+register("tiny", "demo/test model: MobileNetV2-0.25 glance at 64 px + ResNet-18/16 on 48 px patches, 16 "
+         "candidates, 8 glance + 8 focus, frames 128 px; a few MFLOPs a step; 10 classes",
+         ModelConfig(family="base", num_classes=10, frame_size=128, resize_size=128, glance_size=64,
+                     num_segments=16, num_glance=8, num_focus=8, patch_size=48, crop_min=32, crop_max=96,
+                     glance_width=0.25, glance_last_channel=256, local_arch="resnet18", local_width=16,
+                     stn_hidden_dim=32, temporal_hidden_dim=16, mlp_dim=256, dropout=0.1, fc_dropout=0.1))
+
+
+def list_presets() -> list[Preset]:
+    return list(_PRESETS.values())
+
+
+def get_preset(name: str) -> Preset:
+    if name not in _PRESETS:
+        import difflib
+
+        close = difflib.get_close_matches(name, _PRESETS, n=1)
+        hint = f" (did you mean {close[0]!r}?)" if close else ""
+        raise AdaFocusError(f"unknown preset {name!r}{hint}; known: {', '.join(_PRESETS)}")
+    return _PRESETS[name]
+
+
+def preset_config(name: str, num_classes: int | None = None) -> ModelConfig:
+    cfg = get_preset(name).config
+    return cfg.replace(num_classes=num_classes) if num_classes else cfg.replace()

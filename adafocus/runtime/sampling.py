@@ -1,0 +1,79 @@
+"""Frame-sampling arithmetic of Uni-AdaFocus, in numpy (the runtime and the PyTorch reference share it).
+
+Upstream computes these with float32 torch ops; the same float32 steps are done here, so that the
+reference model and the runtime pick the same frames.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+
+def segment_indices(num_frames: int, num_segments: int) -> np.ndarray:
+    """TSN evaluation sampling: the centre frame of each of ``num_segments`` equal segments (0-based).
+
+    Upstream's 1-based ``floor((i + 0.5) * n / N) + 1`` on JPEG names is the same frame. Videos with fewer
+    frames than segments repeat frames, as upstream does.
+    """
+    if num_frames < 1:
+        raise ValueError("a video needs at least one frame")
+    i = np.arange(num_segments, dtype=np.float64)
+    idx = np.floor((i + 0.5) * num_frames / num_segments).astype(np.int64)
+    return np.minimum(idx, num_frames - 1)
+
+
+def glance_positions(num_segments: int, num_glance: int) -> np.ndarray:
+    """Which of the N candidate frames the glance sees at evaluation: every (N/Tg)-th, from position 1."""
+    stride = num_segments // num_glance
+    start = 1 if stride > 1 else 0
+    return np.arange(num_segments)[start::stride][:num_glance].astype(np.int64)
+
+
+def focus_positions(weights: np.ndarray, num_candidates: int, num_focus: int, clamp: bool = True,
+                    quantiles: np.ndarray | None = None) -> np.ndarray:
+    """Deterministic inverse-CDF sampling of K focus frames from the temporal policy's weights.
+
+    weights: ``[B, Tg]`` softmax weights over the glance frames. Returns ``[B, K]`` strictly increasing
+    candidate positions in ``[0, num_candidates)``, in temporal order. ``clamp`` is the base family's
+    clamping of the segment index (TSM skips it). ``quantiles`` ``[B, K]`` overrides the evaluation targets
+    ``(i + 0.5) / K`` (training draws ``(i + U) / K``).
+    """
+    w = np.asarray(weights, dtype=np.float32)
+    if w.ndim != 2:
+        raise ValueError(f"weights must be [B, Tg], got shape {w.shape}")
+    b, tg = w.shape
+    cdf = np.concatenate([np.zeros((b, 1), np.float32), np.cumsum(w, axis=1, dtype=np.float32)], axis=1)
+    cdf[:, -1] = 1.0  # upstream's fix for the rounding of the last sum
+    if quantiles is None:
+        targets = np.broadcast_to((np.arange(num_focus, dtype=np.float32) + 0.5) / num_focus, (b, num_focus))
+    else:
+        targets = np.asarray(quantiles, dtype=np.float32)
+    # first CDF boundary at or above each target (argmax of a boolean = first True, 0 if none)
+    first = np.argmax(cdf[:, :, None] >= targets[:, None, :], axis=1)
+    first = np.clip(first, 1, tg) - 1 if clamp else first
+    first = np.minimum(first, tg - 1)
+    y1 = np.take_along_axis(cdf, first, axis=1)
+    y2 = np.take_along_axis(cdf, first + 1, axis=1)
+    x1 = first.astype(np.float32) / np.float32(tg)
+    x2 = (first + 1).astype(np.float32) / np.float32(tg)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        q = (x2 * (targets - y1) - x1 * (targets - y2)) / (y2 - y1)
+    q = np.where(np.isfinite(q), q, x1)  # a zero-weight segment (fp16 underflow): take its start
+    idx = np.floor(q * np.float32(num_candidates)).astype(np.int64)
+    for i in range(1, num_focus):  # strictly increasing
+        idx[:, i] = np.where(idx[:, i] > idx[:, i - 1], idx[:, i], idx[:, i - 1] + 1)
+    cap = num_candidates - num_focus + np.arange(num_focus)
+    idx = np.minimum(idx, cap[None, :])
+    return np.maximum(idx, 0)
+
+
+def crop_boxes(actions: np.ndarray, frame_size: int, crop_min: float, crop_max: float) -> np.ndarray:
+    """Policy actions ``[..., 4]`` (y, x, h-scale, w-scale in (0, 1)) -> boxes ``[..., 4]`` (y0, x0, h, w).
+
+    Box side = crop_min + (crop_max - crop_min) * scale pixels; the top-left corner moves over the room
+    left in the frame, so the box always lies inside it (upstream: 96 + 128 * a, a * (224 - side)).
+    """
+    a = np.asarray(actions, dtype=np.float32)
+    side = np.float32(crop_min) + np.float32(crop_max - crop_min) * a[..., 2:4]
+    corner = a[..., 0:2] * (np.float32(frame_size) - side)
+    return np.concatenate([corner, side], axis=-1).astype(np.float32)
