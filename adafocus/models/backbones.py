@@ -73,7 +73,9 @@ class InvertedResidual(nn.Module):
 class MobileNetV2(nn.Module):
     """tonylins MobileNetV2: the stem always has 32 channels; width scales the expanded blocks."""
 
-    SETTING = [(1, 16, 1, 1), (6, 24, 2, 2), (6, 32, 3, 2), (6, 64, 4, 2), (6, 96, 3, 1), (6, 160, 3, 2), (6, 320, 1, 1)]
+    # (expansion t, channels c, repeats n, stride s)
+    SETTING = [(1, 16, 1, 1), (6, 24, 2, 2), (6, 32, 3, 2), (6, 64, 4, 2),
+               (6, 96, 3, 1), (6, 160, 3, 2), (6, 320, 1, 1)]
 
     def __init__(self, width_mult: float = 1.0, last_channel: int | None = None, num_classes: int = 0):
         super().__init__()
