@@ -1,0 +1,146 @@
+"""Checkpoints: adafocus's own format, and official Uni-AdaFocus checkpoints (given a preset).
+
+Our format is a dict ``{'format': 'adafocus', 'format_version', 'preset', 'config', 'state_dict', ...}``.
+Official checkpoints (``{'epoch', 'state_dict', 'optimizer', 'best_acc1'|'best_prec1', ...}``) were saved from
+DDP, so keys carry ``module.``; their unused ImageNet heads are dropped. Everything else loads strictly, and a
+mismatch is reported as one readable block of missing / unexpected / shape-mismatched keys.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+
+import torch
+
+from adafocus.errors import CheckpointError
+from adafocus.models.config import ModelConfig
+from adafocus.models.presets import get_preset, preset_config
+from adafocus.models.uniadafocus import build_model
+
+FORMAT = "adafocus"
+FORMAT_VERSION = 1
+# ImageNet heads of the pretrained backbones: built upstream, never used by Uni-AdaFocus
+IGNORED_PREFIXES = ("global_CNN.classifier.", "local_CNN.fc.")
+# where the class count can be read in an official checkpoint, per family
+CLASS_KEYS = ("classifier.local_classifiers.0.1.weight", "global_CNN_fc.1.weight", "global_CNN.new_fc.weight",
+              "local_CNN.new_fc.weight", "aux_fc.weight")
+
+
+def save(model: torch.nn.Module, path: str | Path, preset: str | None = None, extra: dict | None = None) -> Path:
+    """Write ``model`` (config + state_dict) atomically; ``extra`` (e.g. 'training') is stored beside."""
+    path = Path(path)
+    payload = {"format": FORMAT, "format_version": FORMAT_VERSION, "preset": preset,
+               "config": model.cfg.to_dict(), "state_dict": model.state_dict(), **(extra or {})}
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    os.close(fd)
+    try:
+        torch.save(payload, tmp)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    return path
+
+
+def read(path: str | Path) -> dict:
+    """torch.load a checkpoint on the CPU (tensors and plain data only), as a dict, or a CheckpointError."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint not found: {path}")
+    if path.stat().st_size == 0:
+        raise CheckpointError(f"checkpoint is empty: {path}")
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # noqa: BLE001 - torch raises many types for a bad file
+        raise CheckpointError(f"cannot read checkpoint {path}: not a PyTorch checkpoint, truncated or "
+                              f"corrupted ({type(exc).__name__})") from exc
+    if not isinstance(obj, dict):
+        raise CheckpointError(f"checkpoint {path} holds a {type(obj).__name__}, not a dict")
+    return obj
+
+
+def load(path: str | Path, preset: str | None = None, num_classes: int | None = None) -> torch.nn.Module:
+    """Load a checkpoint into the reference model, in eval mode.
+
+    adafocus checkpoints carry their config (``preset``, if given, must agree). Official checkpoints need
+    ``preset`` (see ``adafocus presets``); their class count is read from the weights.
+    """
+    ckpt = read(path)
+    if ckpt.get("format") == FORMAT:
+        cfg = ModelConfig.from_dict(ckpt["config"])
+        if preset is not None:
+            _check_preset(cfg, ckpt.get("preset"), preset, path)
+        state = ckpt["state_dict"]
+        where = f"adafocus checkpoint {Path(path).name}"
+    else:
+        if preset is None:
+            raise CheckpointError(f"{path} is not an adafocus checkpoint; if it is an official Uni-AdaFocus "
+                                  "checkpoint, pass --preset NAME (see `adafocus presets`)")
+        state = official_state_dict(ckpt)
+        n = num_classes or _infer_classes(state)
+        cfg = preset_config(preset, n)
+        where = f"preset {preset!r}"
+    model = build_model(cfg)
+    load_strict(model, state, where)
+    return model.eval()
+
+
+def official_state_dict(ckpt: dict) -> dict[str, torch.Tensor]:
+    """Weights of an official checkpoint: ``state_dict`` (or the dict itself), ``module.`` stripped, the
+    unused ImageNet heads dropped."""
+    state = ckpt.get("state_dict", ckpt)
+    if not isinstance(state, dict) or not any(isinstance(v, torch.Tensor) for v in state.values()):
+        raise CheckpointError("checkpoint has no state_dict of tensors")
+    out = {}
+    for key, value in state.items():
+        if not isinstance(value, torch.Tensor):
+            continue
+        key = key[len("module."):] if key.startswith("module.") else key
+        if key.startswith(IGNORED_PREFIXES):
+            continue
+        out[key] = value
+    return out
+
+
+def load_strict(model: torch.nn.Module, state: dict[str, torch.Tensor], where: str) -> None:
+    """load_state_dict(strict) with one readable block listing what does not fit."""
+    own = model.state_dict()
+    missing = [k for k in own if k not in state]
+    unexpected = [k for k in state if k not in own]
+    shapes = [f"{k}: checkpoint {tuple(state[k].shape)} vs model {tuple(own[k].shape)}"
+              for k in own if k in state and tuple(state[k].shape) != tuple(own[k].shape)]
+    if missing or unexpected or shapes:
+        lines = [f"checkpoint does not fit {where}:"]
+        for title, keys in (("missing", missing), ("unexpected", unexpected), ("shape mismatch", shapes)):
+            if keys:
+                shown = ", ".join(keys[:8]) + (f", ... (+{len(keys) - 8} more)" if len(keys) > 8 else "")
+                lines.append(f"  {title} ({len(keys)}): {shown}")
+        raise CheckpointError("\n".join(lines))
+    model.load_state_dict(state, strict=True)
+
+
+def init_checkpoint(preset: str, out: str | Path, seed: int = 0, num_classes: int | None = None) -> Path:
+    """A randomly initialised model of ``preset`` saved in adafocus's format."""
+    torch.manual_seed(seed)
+    model = build_model(preset_config(preset, num_classes)).eval()
+    return save(model, out, preset=preset, extra={"training": {"kind": "random-init", "seed": seed}})
+
+
+def _infer_classes(state: dict[str, torch.Tensor]) -> int:
+    for key in CLASS_KEYS:
+        if key in state:
+            return int(state[key].shape[0])
+    raise CheckpointError("cannot infer the number of classes from the checkpoint; pass --num-classes")
+
+
+def _check_preset(cfg: ModelConfig, saved: str | None, preset: str, path) -> None:
+    if saved is not None and saved != preset:
+        raise CheckpointError(f"{path} is a checkpoint for preset {saved!r}, not {preset!r}")
+    want = get_preset(preset).config.to_dict()
+    have = cfg.to_dict()
+    diff = [k for k in want if k not in ("num_classes", "labels") and want[k] != have.get(k)]
+    if diff:
+        raise CheckpointError(f"{path} does not match preset {preset!r} (differs in {', '.join(diff)})")

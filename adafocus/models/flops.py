@@ -1,0 +1,138 @@
+"""Multiply-add counts (the papers' "GFLOPs") per stage and per exit, counted on the real modules.
+
+A forward hook on every Conv/Linear records its multiply-adds while each stage runs on one video; the batched
+per-step head of the classifier (a gather + matmul, not an nn.Linear call) is counted from its weights.
+Bias adds, BatchNorm and activations are not counted, as in upstream's tables.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import defaultdict
+from dataclasses import asdict, dataclass, field
+
+import torch
+import torch.nn as nn
+
+from adafocus.models.config import ModelConfig
+from adafocus.models.presets import preset_config
+from adafocus.models.uniadafocus import build_model
+from adafocus.runtime.sampling import glance_positions
+
+G = 1e9
+
+
+@dataclass
+class FlopsReport:
+    """GFLOPs (multiply-adds) of one video. ``exits[k]`` is the cumulative cost when exiting at step k."""
+
+    preset: str | None
+    family: str
+    glance: float  # global encoder on all glance frames + what exit 0 needs
+    policy: float  # spatial + temporal policy, paid once the first focus step runs
+    step: float  # one focus step (local encoder + classifier step)
+    exits: list[float]
+    patches_per_step: int
+    parts: dict[str, float] = field(default_factory=dict)  # finer breakdown
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    def cost(self, steps: int) -> float:
+        """GFLOPs of a video that runs ``steps`` focus steps."""
+        return self.exits[steps]
+
+    def format(self) -> str:
+        lines = [f"{self.preset or 'model'} ({self.family}), GFLOPs = multiply-adds per video"]
+        for key, value in self.parts.items():
+            lines.append(f"  {key:<28} {value:10.4f}")
+        lines.append(f"  {'glance (exit 0)':<28} {self.glance:10.4f}")
+        lines.append(f"  {'policy':<28} {self.policy:10.4f}")
+        lines.append(f"  {'one focus step':<28} {self.step:10.4f}")
+        lines.append("  cumulative at exit: " + ", ".join(f"{k}: {v:.3f}" for k, v in enumerate(self.exits)))
+        return "\n".join(lines)
+
+
+def _layer_macs(module: nn.Module, inputs, output) -> int:
+    if isinstance(module, nn.modules.conv._ConvNd):
+        per_out = (module.in_channels // module.groups) * math.prod(module.kernel_size)
+        return int(output.numel() * per_out)
+    if isinstance(module, nn.Linear):
+        return int(output.numel() * module.in_features)
+    return 0
+
+
+class MacCounter:
+    """Context manager: multiply-adds of every Conv/Linear under ``root``, keyed by module name."""
+
+    def __init__(self, root: nn.Module):
+        self.root = root
+        self.macs: dict[str, int] = defaultdict(int)
+        self._handles = []
+
+    def __enter__(self) -> MacCounter:
+        for name, mod in self.root.named_modules():
+            if isinstance(mod, (nn.modules.conv._ConvNd, nn.Linear)):
+                self._handles.append(mod.register_forward_hook(
+                    lambda m, i, o, name=name: self.macs.__setitem__(name, self.macs[name] + _layer_macs(m, i, o))))
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for h in self._handles:
+            h.remove()
+
+    def total(self, prefix: str = "") -> int:
+        return sum(v for k, v in self.macs.items() if k.startswith(prefix))
+
+
+@torch.no_grad()
+def count_model_flops(model: nn.Module, preset: str | None = None) -> FlopsReport:
+    """Count the stages of ``model`` on one video of random input."""
+    cfg: ModelConfig = model.cfg
+    was_training = model.training
+    model.eval()
+    s = cfg.frame_size
+    frames = torch.randn(1, cfg.num_glance, 3, s, s)
+    with MacCounter(model) as glance_count:
+        fmap, vec, _, context = model.glance(frames)
+    with MacCounter(model) as policy_count:
+        model.policy(fmap, vec)
+    parts: dict[str, float] = {
+        "glance encoder (per frame)": glance_count.total("global_CNN.") / cfg.num_glance / G,
+        "glance classifier": (glance_count.total() - glance_count.total("global_CNN.")) / G,
+        "spatial policy": policy_count.total("spatial_policy.") / G,
+        "temporal policy": policy_count.total("temporal_policy.") / G,
+    }
+    p = cfg.patch_size
+    if cfg.family == "base":
+        with MacCounter(model) as local_count:
+            model.local(torch.randn(1, 3, p, p), model.initial_state(1), context, torch.zeros(1, dtype=torch.long))
+        head = model.classifier.local_classifiers[0][1]
+        head_macs = head.in_features * head.out_features  # the gathered per-step head
+        encoder = local_count.total("local_CNN.")
+        parts["local encoder (per patch)"] = encoder / G
+        parts["local classifier (per step)"] = (local_count.total() - encoder + head_macs) / G
+        step = (local_count.total() + head_macs) / G
+    else:
+        k = cfg.num_focus
+        with MacCounter(model) as local_count:
+            model.local(torch.randn(1, k, 3, p, p), context)
+        encoder = local_count.total("local_CNN.")
+        parts["local encoder (per patch)"] = encoder / k / G
+        parts["local classifier (per step)"] = (local_count.total() - encoder) / G
+        step = local_count.total() / G
+    glance = glance_count.total() / G
+    policy = policy_count.total() / G
+    n_steps = cfg.num_exits - 1
+    exits = [glance] + [glance + policy + i * step for i in range(1, n_steps + 1)]
+    model.train(was_training)
+    return FlopsReport(preset, cfg.family, glance, policy, step, exits, cfg.patches_per_step, parts)
+
+
+def count_flops(preset: str, num_classes: int | None = None) -> FlopsReport:
+    """FLOPs of a preset (random weights: the count does not depend on them)."""
+    torch.manual_seed(0)
+    return count_model_flops(build_model(preset_config(preset, num_classes)), preset)
+
+
+__all__ = ["FlopsReport", "MacCounter", "count_flops", "count_model_flops", "glance_positions"]
