@@ -1,0 +1,117 @@
+"""The ``torch`` engine: one stage of the PyTorch reference model behind the engine protocol.
+
+It is the reference the exported engines are checked against, and the last resort on a GPU machine
+without onnxruntime-gpu or TensorRT. torch is imported when the engine is created, never when this
+module is imported, so the registry can list it on an edge install without torch.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import numpy as np
+
+from adafocus.engines.base import Engine, TensorSpec, cuda_device_count
+from adafocus.engines.registry import register_engine
+from adafocus.errors import EngineError, require
+
+
+@register_engine("torch")
+class TorchEngine(Engine):
+    """Run an ``nn.Module`` with named inputs and outputs.
+
+    Args:
+        module: the stage; called as ``module(*inputs in input_names order)``. It may return one tensor,
+            a tuple/list (matched to ``output_names`` by position) or a dict (matched by name).
+        input_names, output_names: the stage's I/O names (the same as the exported ONNX's).
+        device: ``'cpu'`` or ``'cuda[:N]'``; the module is moved there and set to eval mode.
+        input_shapes: optional shapes for ``inputs`` specs (None or str for dynamic dims).
+        dtype: numpy dtype of the specs (float32).
+
+    numpy feeds give numpy outputs; torch tensor feeds give torch tensors on the engine's device
+    (``device_outputs=True`` also returns tensors for numpy feeds).
+    """
+
+    def __init__(
+        self,
+        module: Any = None,
+        input_names: Sequence[str] = (),
+        output_names: Sequence[str] = (),
+        device: str = "cpu",
+        *,
+        input_shapes: Mapping[str, Sequence[int | str | None]] | None = None,
+        dtype: Any = np.float32,
+        path: Any = None,
+    ) -> None:
+        super().__init__(device)
+        if module is None:
+            hint = f" (got path={path!r}; the torch engine runs a module, not a file)" if path is not None else ""
+            raise EngineError(f"engine 'torch' needs module=, input_names= and output_names={hint}")
+        if not input_names or not output_names:
+            raise EngineError("engine 'torch' needs non-empty input_names and output_names")
+        self.module = module
+        self._input_name_list = list(input_names)
+        self._output_name_list = list(output_names)
+        shapes = dict(input_shapes or {})
+        unknown = sorted(set(shapes) - set(self._input_name_list))
+        if unknown:
+            raise EngineError(f"input_shapes names {unknown} are not among input_names {self._input_name_list}")
+        self._dtype = np.dtype(dtype)
+        self._inputs = [
+            TensorSpec(n, tuple(shapes[n]) if n in shapes else None, self._dtype) for n in self._input_name_list
+        ]
+        self._outputs = [TensorSpec(n, None, self._dtype) for n in self._output_name_list]
+
+    @classmethod
+    def availability(cls, device: str = "cpu") -> str | None:
+        import importlib.util
+
+        if importlib.util.find_spec("torch") is None:
+            return "torch is not installed: pip install 'adafocus[export]'"
+        if device.lower().startswith("cuda") and cuda_device_count() == 0:
+            return "no CUDA device found"
+        return None
+
+    def _activate_impl(self) -> None:
+        torch = require("torch", "export", "the torch engine")
+        if self.device_kind == "cuda" and not torch.cuda.is_available():
+            raise EngineError("engine 'torch' on cuda: this torch build has no CUDA support")
+        self._torch = torch
+        self._tdevice = torch.device(self.device_kind, self.device_index) if self.device_kind == "cuda" else "cpu"
+        self.module = self.module.to(self._tdevice).eval()
+
+    def _close_impl(self) -> None:
+        if self.device_kind == "cuda":
+            self.module = self.module.to("cpu")  # hand the GPU memory back; the module stays usable
+
+    def _run_impl(self, feeds: Mapping[str, Any], device_outputs: bool) -> dict[str, Any]:
+        torch = self._torch
+        self._check_feeds(feeds)
+        as_numpy = not device_outputs
+        args = []
+        for name in self._input_name_list:
+            value = feeds[name]
+            if isinstance(value, torch.Tensor):
+                as_numpy = False
+            else:  # numpy (or anything array-like): shares memory on the CPU
+                value = torch.from_numpy(np.ascontiguousarray(value))
+            args.append(value.to(self._tdevice, non_blocking=True))
+        with torch.inference_mode():
+            result = self.module(*args)
+        out = self._name_outputs(result)
+        if as_numpy:
+            return {k: v.detach().cpu().numpy() for k, v in out.items()}
+        return out
+
+    def _name_outputs(self, result: Any) -> dict[str, Any]:
+        names = self._output_name_list
+        if isinstance(result, Mapping):
+            missing = [n for n in names if n not in result]
+            if missing:
+                raise EngineError(f"torch module returned keys {sorted(result)}, missing outputs {missing}")
+            return {n: result[n] for n in names}
+        values = list(result) if isinstance(result, (tuple, list)) else [result]
+        if len(values) != len(names):
+            raise EngineError(f"torch module returned {len(values)} outputs for output_names {names}")
+        return dict(zip(names, values, strict=True))
