@@ -84,18 +84,29 @@ def flops_cmd(
 
 
 # ------------------------------------------------------------------------------------- entry points
-def _run(typer_app: typer.Typer, argv: list[str] | None = None) -> int:
-    import click
+def _click():
+    try:  # recent typer vendors click as typer._click
+        from typer import _click as click
 
+        click.exceptions.ClickException  # noqa: B018
+        return click
+    except (ImportError, AttributeError):
+        import click
+
+        return click
+
+
+def _run(typer_app: typer.Typer, argv: list[str] | None = None) -> int:
+    click = _click()
     try:
         rv = typer_app(args=argv, standalone_mode=False, prog_name=Path(sys.argv[0]).name)
         return rv if isinstance(rv, int) else 0
-    except click.exceptions.Exit as exc:
-        return exc.exit_code
-    except click.exceptions.Abort:
+    except (typer.Exit, getattr(click.exceptions, "Exit", typer.Exit)) as exc:
+        return getattr(exc, "exit_code", 0)
+    except (typer.Abort, getattr(click.exceptions, "Abort", typer.Abort)):
         typer.echo("aborted", err=True)
         return 130
-    except click.ClickException as exc:
+    except click.exceptions.ClickException as exc:
         exc.show()
         return exc.exit_code
     except KeyboardInterrupt:
