@@ -34,6 +34,7 @@ class FlopsReport:
     exits: list[float]
     patches_per_step: int
     parts: dict[str, float] = field(default_factory=dict)  # finer breakdown
+    dense: float = 0.0  # dense baseline: the local encoder on every candidate frame, whole frames
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -49,6 +50,7 @@ class FlopsReport:
         lines.append(f"  {'glance (exit 0)':<28} {self.glance:10.4f}")
         lines.append(f"  {'policy':<28} {self.policy:10.4f}")
         lines.append(f"  {'one focus step':<28} {self.step:10.4f}")
+        lines.append(f"  {'dense baseline':<28} {self.dense:10.4f}")
         lines.append("  cumulative at exit: " + ", ".join(f"{k}: {v:.3f}" for k, v in enumerate(self.exits)))
         return "\n".join(lines)
 
@@ -125,8 +127,12 @@ def count_model_flops(model: nn.Module, preset: str | None = None) -> FlopsRepor
     policy = policy_count.total() / G
     n_steps = cfg.num_exits - 1
     exits = [glance] + [glance + policy + i * step for i in range(1, n_steps + 1)]
+    with MacCounter(model.local_CNN) as dense_count:
+        model.local_CNN(torch.randn(1, 3, s, s))
+    dense = dense_count.total() * cfg.candidates / G
+    parts["dense baseline (per frame)"] = dense_count.total() / G
     model.train(was_training)
-    return FlopsReport(preset, cfg.family, glance, policy, step, exits, cfg.patches_per_step, parts)
+    return FlopsReport(preset, cfg.family, glance, policy, step, exits, cfg.patches_per_step, parts, dense)
 
 
 def count_flops(preset: str, num_classes: int | None = None) -> FlopsReport:
