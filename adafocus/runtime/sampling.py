@@ -35,7 +35,10 @@ def focus_positions(weights: np.ndarray, num_candidates: int, num_focus: int, cl
 
     weights: ``[B, Tg]`` softmax weights over the glance frames. Returns ``[B, K]`` strictly increasing
     candidate positions in ``[0, num_candidates)``, in temporal order. ``clamp`` is the base family's
-    clamping of the segment index (TSM skips it). ``quantiles`` ``[B, K]`` overrides the evaluation targets
+    clamping of the segment index to ``[1, Tg]`` before subtracting 1; TSM subtracts 1 without it. Both agree
+    for every target in (0, 1), which includes all evaluation targets; on a target of exactly 0 (possible only
+    with ``quantiles``) upstream's TSM variant would gather at index -1 and fail, and we take the first
+    segment, as the base variant does. ``quantiles`` ``[B, K]`` overrides the evaluation targets
     ``(i + 0.5) / K`` (training draws ``(i + U) / K``).
     """
     w = np.asarray(weights, dtype=np.float32)
@@ -50,8 +53,8 @@ def focus_positions(weights: np.ndarray, num_candidates: int, num_focus: int, cl
         targets = np.asarray(quantiles, dtype=np.float32)
     # first CDF boundary at or above each target (argmax of a boolean = first True, 0 if none)
     first = np.argmax(cdf[:, :, None] >= targets[:, None, :], axis=1)
-    first = np.clip(first, 1, tg) - 1 if clamp else first
-    first = np.minimum(first, tg - 1)
+    first = np.clip(first, 1, tg) - 1 if clamp else first - 1
+    first = np.clip(first, 0, tg - 1)  # no-op for valid targets (see above)
     y1 = np.take_along_axis(cdf, first, axis=1)
     y2 = np.take_along_axis(cdf, first + 1, axis=1)
     x1 = first.astype(np.float32) / np.float32(tg)
