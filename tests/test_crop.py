@@ -59,6 +59,9 @@ def test_frame_indices_pick_the_frame_of_each_patch():
     boxes = random_boxes(4, 64, 24, 64, seed=1)
     indices = np.array([5, 0, 5, 2])
     np.testing.assert_array_equal(crop_cpu(frames, boxes, 32, indices), crop_cpu(frames[indices], boxes, 32))
+    out = np.full((4, 3, 32, 32), np.nan, np.float32)
+    assert crop_cpu(frames, boxes, 32, indices, out=out) is out
+    np.testing.assert_array_equal(out, crop_cpu(frames[indices], boxes, 32))
 
 
 def test_many_channels_as_in_tsm():

@@ -21,6 +21,7 @@ from adafocus.runtime.preprocess import (
     center_crop_offsets,
     preprocess,
     preprocess_one,
+    resize_short_side,
     resized_shape,
 )
 from adafocus.runtime.sampling import segment_indices
@@ -254,17 +255,25 @@ def test_preprocess_values_and_layout():
     np.testing.assert_array_equal(preprocess_one(frames[1]), x[1])
 
 
-def test_preprocess_resizes_with_area_when_shrinking_and_linear_when_enlarging():
+def test_auto_resize_filters():
     rng = np.random.default_rng(1)
-    big = rng.integers(0, 256, (1, 360, 480, 3), dtype=np.uint8)
-    small = rng.integers(0, 256, (1, 120, 160, 3), dtype=np.uint8)
-    for frames, flag in ((big, cv2.INTER_AREA), (small, cv2.INTER_LINEAR)):
-        h, w = resized_shape(*frames.shape[1:3], 128)
-        resized = cv2.resize(frames[0], (w, h), interpolation=flag)
-        expected = preprocess(resized[None], 128, 112)  # short side already 128: crop + normalise only
-        np.testing.assert_array_equal(preprocess(frames, 128, 112), expected)
+    cases = {  # source (h, w) -> the filter "auto" must equal exactly
+        (120, 160): lambda f: cv2.resize(f, (170, 128), interpolation=cv2.INTER_LINEAR),  # enlarging
+        (200, 300): lambda f: cv2.resize(f, (192, 128), interpolation=cv2.INTER_AREA),  # shrinking < 2x
+        (360, 480): lambda f: cv2.resize(cv2.resize(f, (240, 180), interpolation=cv2.INTER_AREA), (170, 128),
+                                         interpolation=cv2.INTER_AREA),  # 2x box average first
+    }
+    for (h, w), expected in cases.items():
+        frame = cv2.GaussianBlur(rng.integers(0, 256, (h, w, 3), dtype=np.uint8), (0, 0), 2)
+        got = resize_short_side(frame, 128)
+        np.testing.assert_array_equal(got, expected(frame))
+        direct = cv2.resize(frame, got.shape[1::-1], interpolation=cv2.INTER_AREA)
+        assert np.abs(got.astype(int) - direct).mean() < 2  # the two-step shrink stays close to one box filter
+        # preprocess resizes the same way (a frame already at 128 is only cropped)
+        np.testing.assert_array_equal(preprocess(frame[None], 128, 112), preprocess(got[None], 128, 112))
+    assert resize_short_side(frame, 128, "nearest").shape == (128, 170, 3)
     with pytest.raises(ValueError, match="known: auto"):
-        preprocess(big, 128, 112, interpolation="lanczos")
+        preprocess(frame[None], 128, 112, interpolation="lanczos")
 
 
 def test_preprocess_matches_torchvision_on_equal_uint8():

@@ -59,16 +59,18 @@ def _axis(start: np.ndarray, length: np.ndarray, size: int, patch: int):
     return np.clip(lo, 0, size - 1), np.clip(hi, 0, size - 1), w_lo, w_hi
 
 
-def crop_cpu(frames: np.ndarray, boxes: np.ndarray, patch_size: int, indices: np.ndarray | None = None
-             ) -> np.ndarray:
+def crop_cpu(frames: np.ndarray, boxes: np.ndarray, patch_size: int, indices: np.ndarray | None = None,
+             out: np.ndarray | None = None) -> np.ndarray:
     """Bilinear patches ``[N, C, P, P]`` float32 from ``frames`` ``[T, C, S, S]`` and ``boxes`` ``[N, 4]``.
 
     ``boxes`` rows are ``(y0, x0, h, w)`` in pixels; ``indices`` ``[N]`` names each box's frame (default:
-    box n on frame n). Vectorised numpy: bilinear weights are separable for an axis-aligned box, so it
-    gathers and blends the 2 neighbouring rows, then the 2 neighbouring columns of those (the 4 neighbours
-    of every sample), with zero weight for neighbours outside the frame.
+    box n on frame n); ``out`` may be a preallocated float32 ``[N, C, P, P]`` array. Bilinear weights are
+    separable for an axis-aligned box, so each patch gathers and blends the 2 neighbouring rows, then the
+    2 neighbouring columns of those (the 4 neighbours of every sample), with zero weight for neighbours
+    outside the frame. One patch at a time keeps the work in cache and measured faster than gathering all
+    patches at once (which also needs large index arrays).
     """
-    frames = np.asarray(frames, dtype=np.float32)
+    frames = np.ascontiguousarray(frames, dtype=np.float32)
     boxes = np.asarray(boxes, dtype=np.float32)
     n, size = _check(frames.shape, boxes.shape, None if indices is None else len(indices))
     if indices is None:
@@ -77,25 +79,30 @@ def crop_cpu(frames: np.ndarray, boxes: np.ndarray, patch_size: int, indices: np
         fi = np.asarray(indices, dtype=np.int64)
         if fi.size and (fi.min() < 0 or fi.max() >= frames.shape[0]):
             raise ValueError(f"frame indices must lie in [0, {frames.shape[0]})")
-    y_lo, y_hi, wy_lo, wy_hi = _axis(boxes[:, 0], boxes[:, 2], size, patch_size)
-    x_lo, x_hi, wx_lo, wx_hi = _axis(boxes[:, 1], boxes[:, 3], size, patch_size)
-    c = frames.shape[1]
-    # 1-D takes on flat views: numpy's fancy indexing with a slice between the indices, or take_along_axis,
-    # is 5-10x slower here
-    image_rows = np.ascontiguousarray(frames).reshape(-1, size)  # [T * C * S, S]
-    first_row = ((fi[:, None] * c + np.arange(c)[None, :]) * size)[:, :, None]  # [N, C, 1]
-    rows = np.take(image_rows, (first_row + y_lo[:, None, :]).reshape(-1), axis=0).reshape(n, c, patch_size, size)
-    below = np.take(image_rows, (first_row + y_hi[:, None, :]).reshape(-1), axis=0).reshape(rows.shape)
-    rows *= wy_lo[:, None, :, None]
-    below *= wy_hi[:, None, :, None]
-    rows += below  # [N, C, P, S]: the box's rows, interpolated vertically
-    flat = rows.reshape(-1)
-    row_start = (np.arange(n * c * patch_size) * size).reshape(n, c, patch_size, 1)
-    out = np.take(flat, (row_start + x_lo[:, None, None, :]).reshape(-1)).reshape(n, c, patch_size, patch_size)
-    right = np.take(flat, (row_start + x_hi[:, None, None, :]).reshape(-1)).reshape(out.shape)
-    out *= wx_lo[:, None, None, :]
-    right *= wx_hi[:, None, None, :]
-    out += right
+    c, p = frames.shape[1], patch_size
+    if out is None:
+        out = np.empty((n, c, p, p), np.float32)
+    elif out.shape != (n, c, p, p) or out.dtype != np.float32 or not out.flags.c_contiguous:
+        raise ValueError(f"out must be a contiguous float32 array {[n, c, p, p]}")
+    y_lo, y_hi, wy_lo, wy_hi = _axis(boxes[:, 0], boxes[:, 2], size, p)
+    x_lo, x_hi, wx_lo, wx_hi = _axis(boxes[:, 1], boxes[:, 3], size, p)
+    rows = np.empty((c, p, size), np.float32)
+    below = np.empty_like(rows)
+    right = np.empty((c * p, p), np.float32)
+    for k in range(n):
+        frame = frames[fi[k]]
+        np.take(frame, y_lo[k], axis=1, out=rows)
+        np.take(frame, y_hi[k], axis=1, out=below)
+        rows *= wy_lo[k][None, :, None]
+        below *= wy_hi[k][None, :, None]
+        rows += below  # [C, P, S]: the box's rows, blended vertically
+        flat_rows = rows.reshape(c * p, size)
+        patch = out[k].reshape(c * p, p)
+        np.take(flat_rows, x_lo[k], axis=1, out=patch)
+        np.take(flat_rows, x_hi[k], axis=1, out=right)
+        patch *= wx_lo[k]
+        right *= wx_hi[k]
+        patch += right
     return out
 
 
