@@ -26,6 +26,8 @@ import numpy as np
 
 from adafocus.errors import EngineError
 
+_now = time.perf_counter
+
 Dim = int | str | None
 """One dimension of a tensor: an int when fixed, a name (``"batch"``) or None when dynamic."""
 
@@ -196,10 +198,9 @@ class Engine:
         """
         if not self.is_active:
             self._require_active()
-        start = time.perf_counter()
+        start = _now()
         out = self._run_impl(feeds, device_outputs)
-        elapsed = (time.perf_counter() - start) * 1e3
-        self.last_ms = elapsed
+        self.last_ms = elapsed = (_now() - start) * 1e3
         self.total_ms += elapsed
         self.calls += 1
         return out

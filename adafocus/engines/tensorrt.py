@@ -105,7 +105,7 @@ class _CudaPython:
 
     def _call(self, result: Any, what: str) -> Any:
         err, rest = result[0], result[1:]
-        if int(err) != 0:
+        if int(getattr(err, "value", err)) != 0:  # cudaError_t: an IntEnum in 12.x, .value everywhere
             name = self.rt.cudaGetErrorName(err)[1]
             raise EngineError(f"CUDA error in {what}: {name.decode() if isinstance(name, bytes) else name}")
         return rest[0] if len(rest) == 1 else None
