@@ -145,7 +145,12 @@ class Engine:
     def activate(self) -> Engine:
         """Load the model (idempotent). Returns self so that calls can be chained."""
         if not self.is_active:
-            self._activate_impl()
+            try:
+                self._activate_impl()
+            except BaseException:
+                with contextlib.suppress(Exception):  # free whatever a half-done activation took
+                    self._close_impl()
+                raise
             self.is_active = True
             self.reset_timing()
         return self

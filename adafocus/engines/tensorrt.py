@@ -331,7 +331,9 @@ class TensorRTEngine(Engine):
         try:
             for ptr, _ in self._buffers.values():
                 cuda.free(ptr)
-            cuda.destroy_stream(self._stream)
+            if getattr(self, "_stream", None) is not None:
+                cuda.destroy_stream(self._stream)
+                self._stream = None
         finally:
             self._buffers.clear()
             self._context = self._engine = self._runtime = None
