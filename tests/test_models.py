@@ -97,3 +97,15 @@ def test_tiny_is_a_few_mflops_a_step():
     report = count_flops("tiny")
     assert 0.001 < report.step < 0.02
     assert report.exits == sorted(report.exits)
+
+
+# upstream TSM table (shared/UNIADAFOCUS.md section 7): exit 0 = 2.400 for all; full model per preset
+UPSTREAM_TSM = {"tsm-p96-8x8": 8.82, "tsm-p96-8x12": 11.83, "tsm-p128-8x12": 18.84, "tsm-p128-8x16": 24.18}
+
+
+@pytest.mark.parametrize("name", sorted(UPSTREAM_TSM))
+def test_tsm_flops_match_upstream_tables(name):
+    report = count_flops(name)
+    assert len(report.exits) == 2
+    assert report.exits[0] == pytest.approx(2.400, rel=0.01)
+    assert report.exits[1] == pytest.approx(UPSTREAM_TSM[name], rel=0.01)

@@ -127,10 +127,14 @@ def count_model_flops(model: nn.Module, preset: str | None = None) -> FlopsRepor
     policy = policy_count.total() / G
     n_steps = cfg.num_exits - 1
     exits = [glance] + [glance + policy + i * step for i in range(1, n_steps + 1)]
-    with MacCounter(model.local_CNN) as dense_count:
-        model.local_CNN(torch.randn(1, 3, s, s))
-    dense = dense_count.total() * cfg.candidates / G
-    parts["dense baseline (per frame)"] = dense_count.total() / G
+    # dense baseline: the local backbone on whole frames (TSM: a clip of K frames, since it shifts across them)
+    backbone = getattr(model.local_CNN, "base_model", model.local_CNN)
+    clip = 1 if cfg.family == "base" else cfg.num_focus
+    with MacCounter(backbone) as dense_count:
+        backbone(torch.randn(clip, 3, s, s))
+    per_frame = dense_count.total() / clip
+    dense = per_frame * cfg.candidates / G
+    parts["dense baseline (per frame)"] = per_frame / G
     model.train(was_training)
     return FlopsReport(preset, cfg.family, glance, policy, step, exits, cfg.patches_per_step, parts, dense)
 
