@@ -83,6 +83,169 @@ def flops_cmd(
     typer.echo(report.format())
 
 
+# ----------------------------------------------------------------------------------------------- export
+@app.command("export")
+def export_cmd(
+    model: Path = typer.Argument(..., help="Checkpoint (.pt): adafocus format, or an official one with --preset."),
+    preset: str = typer.Option(None, "--preset", help="Preset name (needed for official checkpoints)."),
+    out: Path = typer.Option(None, "--out", help="Bundle directory [default: MODEL's stem + _bundle]."),
+    precision: str = typer.Option("fp32", "--precision", help="fp32 or fp16 (weights and activations; the "
+                                  "engines' inputs and outputs stay float32)."),
+    opset: int = typer.Option(17, "--opset", help="ONNX opset (>= 16)."),
+    tensorrt: bool = typer.Option(False, "--tensorrt", help="Also build TensorRT engines (adafocus[gpu], GPU)."),
+    workspace: int = typer.Option(None, "--workspace", help="TensorRT builder workspace limit in MB."),
+    timing_cache: Path = typer.Option(None, "--timing-cache", help="TensorRT timing cache file (read + saved)."),
+    force: bool = typer.Option(False, "--force", help="Replace an existing bundle at --out."),
+    no_verify: bool = typer.Option(False, "--no-verify", help="Skip the ONNX-vs-PyTorch verification."),
+    no_simplify: bool = typer.Option(False, "--no-simplify", help="Skip the onnxslim pass."),
+    videos: int = typer.Option(4, "--videos", help="Random videos in the end-to-end check."),
+):
+    """Export a checkpoint as a verified bundle: global.onnx, policy.onnx, local.onnx + manifest.json."""
+    from adafocus.export.exporter import export_bundle
+
+    export_bundle(model, out, preset=preset, precision=precision, opset=opset, tensorrt=tensorrt,
+                  workspace_mb=workspace, timing_cache=timing_cache, force=force, verify=not no_verify,
+                  simplify_graphs=not no_simplify, videos=videos, log=typer.echo)
+
+
+@app.command("inspect")
+def inspect_cmd(
+    bundle: Path = typer.Argument(..., help="Bundle directory."),
+    as_json: bool = typer.Option(False, "--json", help="Print the manifest as JSON."),
+    readiness: bool = typer.Option(True, "--readiness/--no-readiness", help="Run the TensorRT readiness check."),
+):
+    """Check a bundle's checksums and print its manifest summary, I/O shapes, GFLOPs and TensorRT readiness."""
+    from adafocus.bundle import load_bundle
+
+    b = load_bundle(bundle, verify=True)
+    if as_json:
+        _echo_json(b.manifest.to_dict())
+        return
+    typer.echo(b.describe())
+    if readiness:
+        from adafocus.errors import MissingDependency
+
+        try:
+            from adafocus.export.readiness import check_readiness
+
+            for stage in b.manifest.stages:
+                typer.echo(check_readiness(b.stage_path(stage)).format())
+        except (ImportError, MissingDependency) as exc:
+            typer.echo(f"readiness  not checked: {exc}")
+
+
+@app.command("build-engines")
+def build_engines_cmd(
+    bundle: Path = typer.Argument(..., help="Bundle directory."),
+    fp16: bool = typer.Option(None, "--fp16/--no-fp16", help="FP16 builder flag [default: on for fp16 bundles "
+                              "on TensorRT 10]."),
+    workspace: int = typer.Option(None, "--workspace", help="Builder workspace limit in MB."),
+    timing_cache: Path = typer.Option(None, "--timing-cache", help="Timing cache file (read if present, saved)."),
+    max_batch: int = typer.Option(8, "--max-batch", help="Largest batch of the optimisation profile."),
+    device: int = typer.Option(0, "--device", help="CUDA device index."),
+):
+    """Build one TensorRT engine per stage of a bundle and record them (version, GPU) in its manifest."""
+    from adafocus.errors import require
+
+    require("tensorrt", "gpu", "building TensorRT engines")
+    from adafocus.export.exporter import build_engines
+
+    build_engines(bundle, fp16=fp16, workspace_mb=workspace, timing_cache=timing_cache, batch=(1, 1, max_batch),
+                  device=device, log=typer.echo)
+
+
+# -------------------------------------------------------------------------------------------- runtime
+def _default_bundle() -> Path:
+    from adafocus.demo.shipped import bundle_path
+
+    return bundle_path()
+
+
+@app.command("run")
+def run_cmd(
+    videos: list[str] = typer.Argument(None, help="Videos, globs or directories (default: the bundled samples)."),
+    model: Path = typer.Option(None, "--model", "-m", help="Bundle directory (default: the bundled demo model)."),
+    budget: str = typer.Option(None, "--budget", "-b",
+                               help="Per-video GFLOPs (e.g. 0.08) or a share of the dense cost (e.g. 30%)."),
+    engine: str = typer.Option("auto", "--engine", "-e", help="auto, ort, ort-cuda, ort-tensorrt, tensorrt, torch."),
+    device: str = typer.Option("cpu", "--device", "-d", help="cpu or cuda[:N]."),
+    topk: int = typer.Option(5, "--topk", help="How many classes to report."),
+    as_json: bool = typer.Option(False, "--json", help="One JSON object per video on stdout."),
+    save_vis: Path = typer.Option(None, "--save-vis", help="Write a video with the patches drawn (.mp4)."),
+    threads: int = typer.Option(None, "--threads", help="CPU threads per engine (default: onnxruntime's)."),
+    checkpoint: Path = typer.Option(None, "--checkpoint", help="PyTorch checkpoint (for --engine torch)."),
+):
+    """Run videos through a bundle: glance, policy, patches, early exit under the budget."""
+    from adafocus.runtime.pipeline import Pipeline, expand_videos
+
+    bundle = model or _default_bundle()
+    paths = expand_videos(videos) if videos else _default_videos()
+    if not paths:
+        raise typer.BadParameter("no videos found")
+    with Pipeline.from_bundle(bundle, engine=engine, device=device, threads=threads,
+                              checkpoint=checkpoint) as pipe:
+        plan = pipe.budget(budget)  # a malformed or too small budget fails here, before any video
+        pipe.keep_decoded = save_vis is not None
+        if not as_json:
+            typer.echo(f"bundle {bundle} | engine {pipe.engine_name} on {device} | budget {plan.gflops:.4g} GFLOPs"
+                       f" per video (<= {plan.max_steps} focus steps"
+                       + (f", thresholds calibrated for {plan.calibrated_for:.4g})" if plan.thresholds else
+                          ", no calibrated thresholds: no early exit)"), err=True)
+        results, failures = _run_videos(pipe, paths, plan, topk, as_json, save_vis)
+    if not as_json:
+        _print_table(results)
+    for path, err in failures:
+        typer.echo(f"error: {path}: {err}" if str(path) not in str(err) else f"error: {err}", err=True)
+    return 1 if failures else 0
+
+
+def _default_videos() -> list[str]:
+    from adafocus.demo.shipped import sample_videos
+
+    return [str(p) for p in sample_videos()]
+
+
+def _run_videos(pipe, paths, plan, topk, as_json, save_vis):
+    from rich.progress import Progress
+
+    from adafocus.runtime.visualize import save_visualization
+
+    results, failures = [], []
+    show = len(paths) > 1 and not as_json
+    with Progress(transient=True, disable=not show) as progress:
+        task = progress.add_task("videos", total=len(paths))
+        for path, res in pipe.run_many(paths, plan, topk=topk):
+            progress.advance(task)
+            if isinstance(res, Exception):
+                failures.append((path, res))
+                continue
+            results.append(res)
+            if as_json:
+                typer.echo(json.dumps(res.to_dict()))
+            if save_vis is not None:
+                out = save_vis if len(paths) == 1 else save_vis.with_name(f"{save_vis.stem}_{Path(path).stem}.mp4")
+                save_visualization(res, res.decoded, out)
+                res.decoded = None
+                if not as_json:
+                    typer.echo(f"wrote {out}", err=True)
+    return results, failures
+
+
+def _print_table(results) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    if not results:
+        return
+    table = Table(box=None)
+    for col in ("video", "label", "score", "exit", "GFLOPs", "budget", "ms"):
+        table.add_column(col, justify="left" if col in ("video", "label") else "right")
+    for r in results:
+        table.add_row(Path(r.video).name, r.label, f"{r.score:.3f}", f"{r.exit_step} ({r.exit_reason})",
+                      f"{r.gflops:.4g}", f"{r.budget_gflops:.4g}", f"{r.timings_ms['total']:.1f}")
+    Console(width=120).print(table)
+
+
 # ------------------------------------------------------------------------------------- entry points
 def _click():
     try:  # recent typer vendors click as typer._click

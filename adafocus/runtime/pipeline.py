@@ -1,0 +1,427 @@
+"""The runtime orchestrator: decode -> glance -> exit 0? -> policy -> focus frames -> crop -> local steps.
+
+Control flow stays here, in Python, between the engines of a bundle (one engine per stage), so that every
+stage is a static graph and a video stops as soon as it is confident enough or its budget is spent. Nothing
+here imports torch: the edge install is numpy + onnxruntime + OpenCV.
+
+    pipeline = Pipeline.from_bundle("tiny_bundle", engine="auto", device="cpu")
+    result = pipeline("video.mp4", budget="30%")
+    print(result.label, result.score, result.exit_step, result.gflops)
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Iterable, Iterator
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from adafocus.bundle import Bundle, load_bundle
+from adafocus.errors import AdaFocusError, BundleError, EngineError
+from adafocus.runtime.budget import Budget, make_budget
+from adafocus.runtime.exits import confidence
+from adafocus.runtime.sampling import crop_boxes, focus_positions, segment_indices
+
+VIDEO_SUFFIXES = (".mp4", ".avi", ".mov", ".mkv", ".webm", ".m4v", ".mpg", ".mpeg", ".wmv")
+
+
+@dataclass
+class Patch:
+    """One focus patch: the step that used it, the source frame and the box in source-video pixels."""
+
+    step: int
+    frame: int  # 0-based frame number in the video
+    box: list[float]  # x0, y0, x1, y1 in the decoded video's pixels
+    box_model: list[float]  # y0, x0, h, w in the model's frame_size crop (what the crop used)
+
+
+@dataclass
+class VideoResult:
+    """What one video gives: prediction, where it stopped, what it looked at, what it cost."""
+
+    video: str
+    label: str
+    score: float  # softmax probability of the label at the exit step
+    topk: list[tuple[str, float]]
+    exit_step: int  # 0 = after the glance; k = after the k-th focus step
+    exit_reason: str  # "confident", "budget" (next step would not fit), "last" (all steps ran)
+    confidence: float  # the exit criterion's score at the exit step
+    frames_used: list[int]  # video frame numbers the model saw (glance + focus frames)
+    patches: list[Patch]
+    gflops: float
+    budget_gflops: float
+    engine: str
+    timings_ms: dict[str, float]
+    steps: list[dict[str, Any]] = field(default_factory=list)  # per exit: step, label, score, confidence
+    decoded: Any = field(default=None, repr=False, compare=False)  # the DecodedVideo, kept for --save-vis
+
+    def to_dict(self) -> dict:
+        d = {f.name: getattr(self, f.name) for f in fields(self) if f.name != "decoded"}
+        d["patches"] = [asdict(pt) for pt in self.patches]
+        d["topk"] = [{"label": k, "score": v} for k, v in self.topk]
+        return d
+
+
+@dataclass
+class Trace:
+    """The decisions of the step loop on preprocessed frames (what tests compare with the reference)."""
+
+    logits: list[np.ndarray]  # [C] per exit taken
+    scores: list[float]
+    positions: np.ndarray  # [K] candidate positions of the focus frames (empty if the policy never ran)
+    boxes: np.ndarray  # [K, 4] y0, x0, h, w (model frame pixels)
+    exit_step: int
+    exit_reason: str
+    timings_ms: dict[str, float]
+
+
+class Pipeline:
+    """Runs a bundle's engines on videos under a per-video GFLOPs budget."""
+
+    def __init__(self, bundle: Bundle, engines: dict[str, Any], engine_name: str, device: str = "cpu",
+                 criterion: str | None = None):
+        self.bundle = bundle
+        self.manifest = bundle.manifest
+        self.pre = bundle.manifest.preprocessing
+        self.engines = engines
+        self.engine_name = engine_name
+        self.device = device
+        self.criterion = criterion or bundle.manifest.exit.criterion
+        self.labels = bundle.manifest.labels
+        self.family = bundle.manifest.family
+        self.exits = list(bundle.manifest.costs.exits)
+        self.dense = float(getattr(bundle.manifest.costs, "dense", 0.0) or 0.0) or None
+        self.keep_decoded = False  # attach the decoded frames to results (for --save-vis)
+        self._on_gpu = device != "cpu"
+        if self._on_gpu:
+            from adafocus.runtime.crop import get_cropper
+
+            self._crop = get_cropper(device)
+            from adafocus.errors import require
+
+            self._xp = require("cupy", "gpu", "GPU crops")
+        else:
+            from adafocus.runtime.crop import crop_cpu
+
+            self._crop = crop_cpu
+            self._xp = np
+        p = self.pre
+        self._mean = np.asarray(p.mean, np.float32)
+        self._std = np.asarray(p.std, np.float32)
+
+    # ------------------------------------------------------------------------------------ construction
+    @classmethod
+    def from_bundle(cls, path: str | os.PathLike, engine: str = "auto", device: str = "cpu",
+                    threads: int | None = None, criterion: str | None = None, verify: bool = True,
+                    checkpoint: str | os.PathLike | None = None) -> Pipeline:
+        """Load a bundle (checksums verified) and create one engine per stage.
+
+        ``engine``: ``auto`` or a registered name (``ort``, ``ort-cuda``, ``ort-tensorrt``, ``tensorrt``,
+        ``torch``); ``device``: ``cpu`` or ``cuda[:N]``. The ``torch`` engine rebuilds the stages from the
+        PyTorch ``checkpoint`` the bundle was exported from (the export extra is needed for it).
+        """
+        from adafocus.engines.registry import create_engine, resolve_engine
+
+        bundle = load_bundle(path, verify=verify)
+        name = resolve_engine(engine, device)
+        engines: dict[str, Any] = {}
+        stages = ("global", "policy", "local")
+        try:
+            if name == "tensorrt":
+                record = _engine_record(bundle)
+                for stage in stages:
+                    engines[stage] = create_engine(
+                        name, str(bundle.file(record.files[stage])), device=device,
+                        expected_trt_version=record.tensorrt_version,
+                        expected_compute_capability=record.compute_capability)
+            elif name == "torch":
+                if checkpoint is None:
+                    raise EngineError("the torch engine needs the PyTorch checkpoint: pass checkpoint=PATH "
+                                      "(--checkpoint) of the model the bundle was exported from")
+                engines = _torch_stage_engines(checkpoint, bundle, device)
+            else:
+                options = {"threads": threads} if threads else {}
+                for stage in stages:
+                    engines[stage] = create_engine(name, str(bundle.stage_path(stage)), device=device, **options)
+        except Exception:
+            for e in engines.values():
+                e.close()
+            raise
+        return cls(bundle, engines, name, device, criterion)
+
+    def close(self) -> None:
+        for e in self.engines.values():
+            e.close()
+
+    def __enter__(self) -> Pipeline:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    # ---------------------------------------------------------------------------------------- budgets
+    def budget(self, budget: str | float | None = None) -> Budget:
+        """Parse a budget ('0.08' GFLOPs, '30%' of the dense cost, None = full model) for this bundle."""
+        table = list(self.manifest.exit.thresholds.values())
+        return make_budget(budget, self.exits, table, self.dense)
+
+    # ----------------------------------------------------------------------------------------- decode
+    def sample_indices(self, num_frames: int) -> np.ndarray:
+        """Video frame numbers to decode: the N candidates (base), or Tg glance + 3K candidates (tsm)."""
+        p = self.pre
+        if p.glance_positions is not None:
+            return segment_indices(num_frames, p.num_segments)
+        return np.concatenate([segment_indices(num_frames, p.num_glance),
+                               segment_indices(num_frames, p.candidates)])
+
+    def decode(self, path: str | os.PathLike):
+        from adafocus.runtime.decode import decode_frames
+
+        return decode_frames(path, indices_fn=self.sample_indices, short_side=self.pre.resize_size)
+
+    def preprocess(self, frames_uint8: np.ndarray) -> np.ndarray:
+        from adafocus.runtime.preprocess import preprocess
+
+        p = self.pre
+        return preprocess(frames_uint8, p.resize_size, p.frame_size, p.mean, p.std)
+
+    # -------------------------------------------------------------------------------------- step loop
+    def run_frames(self, frames: np.ndarray, budget: Budget | None = None,
+                   glance_frames: np.ndarray | None = None) -> Trace:
+        """The step loop on normalised frames: candidates ``[N, 3, S, S]`` (+ the TSM glance frames).
+
+        Base family: the glance frames are ``preprocessing.glance_positions`` of the candidates.
+        """
+        p = self.pre
+        budget = budget or self.budget(None)
+        thresholds = budget.thresholds
+        t: dict[str, float] = {"glance": 0.0, "policy": 0.0, "crop": 0.0, "local": 0.0}
+        xp = self._xp
+        tick = time.perf_counter()
+        if self._on_gpu:
+            frames = xp.asarray(frames)
+            if glance_frames is not None:
+                glance_frames = xp.asarray(glance_frames)
+        t["upload"] = (time.perf_counter() - tick) * 1e3
+        glance_in = frames[np.asarray(p.glance_positions)] if p.glance_positions is not None else glance_frames
+        if glance_in is None:
+            raise ValueError("this bundle's glance frames are sampled separately: pass glance_frames")
+
+        tick = time.perf_counter()
+        g = self.engines["global"].run({"frames": glance_in[None]})
+        t["glance"] = (time.perf_counter() - tick) * 1e3
+        logits_list = [_host(g["logits"])[0]]
+        scores = [float(confidence(logits_list[0], self.criterion))]
+        empty = Trace(logits_list, scores, np.zeros(0, np.int64), np.zeros((0, 4), np.float32), 0, "", t)
+        if _passes(thresholds, 0, scores[0]):
+            empty.exit_reason = "confident"
+            return empty
+        if budget.max_steps == 0:
+            empty.exit_reason = "budget"
+            return empty
+
+        tick = time.perf_counter()
+        pol = self.engines["policy"].run({"fmap": g["fmap"], "vec": g["vec"]})
+        actions, weights = _host(pol["actions"])[0], _host(pol["weights"])
+        positions = focus_positions(weights, p.candidates, p.num_focus, clamp=p.focus_clamp)[0]
+        acts = actions[positions] if actions.shape[0] == p.candidates else np.repeat(actions, p.num_focus, 0)
+        boxes = crop_boxes(acts, p.frame_size, p.crop_min, p.crop_max)
+        t["policy"] = (time.perf_counter() - tick) * 1e3
+
+        context = g["context"]
+        n_steps = len(self.exits) - 1
+        reason = "last"
+        if self.family == "base":
+            state = xp.zeros((1, int(self.manifest.stages["local"].inputs[1].shape[1])), np.float32)
+            for k in range(n_steps):
+                if k + 1 > budget.max_steps:
+                    reason = "budget"
+                    break
+                tick = time.perf_counter()
+                patch = self._crop(frames, xp.asarray(boxes[k:k + 1]), p.patch_size,
+                                   xp.asarray(positions[k:k + 1]))
+                t["crop"] += (time.perf_counter() - tick) * 1e3
+                tick = time.perf_counter()
+                out = self.engines["local"].run({"patch": patch, "state": state, "context": context,
+                                                 "step": np.array([k], np.int64)})
+                t["local"] += (time.perf_counter() - tick) * 1e3
+                state = out["new_state"]
+                logits_list.append(_host(out["logits"])[0])
+                scores.append(float(confidence(logits_list[-1], self.criterion)))
+                if k + 1 < n_steps and _passes(thresholds, k + 1, scores[-1]):
+                    reason = "confident"
+                    break
+        else:  # tsm: one step with all K patches, one box per video
+            if budget.max_steps >= 1:
+                tick = time.perf_counter()
+                patches = self._crop(frames, xp.asarray(boxes), p.patch_size, xp.asarray(positions))
+                t["crop"] += (time.perf_counter() - tick) * 1e3
+                tick = time.perf_counter()
+                out = self.engines["local"].run({"patches": patches[None], "context": context})
+                t["local"] += (time.perf_counter() - tick) * 1e3
+                logits_list.append(_host(out["logits"])[0])
+                scores.append(float(confidence(logits_list[-1], self.criterion)))
+            else:
+                reason = "budget"
+        steps_taken = len(logits_list) - 1
+        return Trace(logits_list, scores, positions, boxes, steps_taken, reason, t)
+
+    # ------------------------------------------------------------------------------------------ videos
+    def __call__(self, video: str | os.PathLike | Any, budget: str | float | Budget | None = None,
+                 topk: int = 5) -> VideoResult:
+        """Run one video (a path or an already decoded :class:`DecodedVideo`)."""
+        b = budget if isinstance(budget, Budget) else self.budget(budget)
+        is_path = isinstance(video, (str, os.PathLike))
+        decoded = self.decode(video) if is_path else video
+        decode_ms = decoded.decode_ms if is_path else 0.0
+        return self._run_decoded(decoded, b, topk, decode_ms, time.perf_counter())
+
+    def run_many(self, videos: Iterable[str | os.PathLike], budget: str | float | Budget | None = None,
+                 topk: int = 5, prefetch: int = 2) -> Iterator[tuple[str, VideoResult | AdaFocusError]]:
+        """Run many videos, decoding the next ones in the background while the engines run.
+
+        Yields ``(path, result)``; a video that fails yields its error (the others go on).
+        """
+        from adafocus.runtime.decode import Prefetcher
+
+        b = budget if isinstance(budget, Budget) else self.budget(budget)
+        with Prefetcher(list(videos), self.decode, depth=prefetch) as queue:
+            for item in queue:
+                path = str(item.item)
+                if item.error is not None:
+                    err = item.error
+                    yield path, err if isinstance(err, AdaFocusError) else AdaFocusError(f"{path}: {err}")
+                    continue
+                start = time.perf_counter()
+                try:
+                    yield path, self._run_decoded(item.result, b, topk, 0.0, start, item.result.decode_ms)
+                except AdaFocusError as exc:
+                    yield path, exc
+
+    def _run_decoded(self, decoded, budget: Budget, topk: int, decode_ms: float, start: float,
+                     background_decode_ms: float | None = None) -> VideoResult:
+        p = self.pre
+        tick = time.perf_counter()
+        frames = self.preprocess(decoded.frames)
+        if p.glance_positions is None:
+            glance_frames, candidates = frames[:p.num_glance], frames[p.num_glance:]
+            cand_index = decoded.indices[p.num_glance:]
+            glance_index = decoded.indices[:p.num_glance]
+        else:
+            glance_frames, candidates = None, frames
+            cand_index = decoded.indices
+            glance_index = decoded.indices[np.asarray(p.glance_positions)]
+        pre_ms = (time.perf_counter() - tick) * 1e3
+        trace = self.run_frames(candidates, budget, glance_frames)
+        total = (time.perf_counter() - start) * 1e3 + decode_ms
+        timings = {"decode": decode_ms if background_decode_ms is None else 0.0, "preprocess": pre_ms,
+                   **trace.timings_ms}
+        if background_decode_ms is not None:
+            timings["decode_background"] = background_decode_ms
+        timings["total"] = total
+        timings["other"] = max(0.0, total - sum(v for k, v in timings.items()
+                                                if k not in ("total", "decode_background")))
+        logits = trace.logits[-1]
+        prob = _softmax(logits)
+        order = np.argsort(-prob)[:max(1, topk)]
+        names = self.labels
+        patches = []
+        for k in range(trace.exit_step if self.family == "base" else len(trace.positions) * trace.exit_step):
+            step = k + 1 if self.family == "base" else 1
+            frame_no = int(cand_index[trace.positions[k]])
+            patches.append(Patch(step, frame_no, self._source_box(trace.boxes[k], decoded),
+                                 [round(float(v), 3) for v in trace.boxes[k]]))
+        used = sorted({int(i) for i in glance_index} | {pt.frame for pt in patches})
+        steps = []
+        for k, (lg, sc) in enumerate(zip(trace.logits, trace.scores, strict=True)):
+            pr = _softmax(lg)
+            steps.append({"step": k, "label": names[int(pr.argmax())], "score": float(pr.max()),
+                          "confidence": sc})
+        return VideoResult(
+            video=str(decoded.path), label=names[int(order[0])], score=float(prob[order[0]]),
+            topk=[(names[int(i)], float(prob[i])) for i in order], exit_step=trace.exit_step,
+            exit_reason=trace.exit_reason, confidence=trace.scores[-1], frames_used=used, patches=patches,
+            gflops=float(self.exits[trace.exit_step]), budget_gflops=float(budget.gflops),
+            engine=self.engine_name, timings_ms={k: round(v, 3) for k, v in timings.items()}, steps=steps,
+            decoded=decoded if self.keep_decoded else None)
+
+    def _source_box(self, box: np.ndarray, decoded) -> list[float]:
+        """A (y0, x0, h, w) box in the model's crop -> (x0, y0, x1, y1) in the decoded video's pixels."""
+        from adafocus.runtime.preprocess import center_crop_offsets, resized_shape
+
+        p = self.pre
+        h, w = decoded.height, decoded.width
+        rh, rw = resized_shape(h, w, p.resize_size)
+        top, left = center_crop_offsets(rh, rw, p.frame_size)
+        sy, sx = h / rh, w / rw
+        y0, x0, bh, bw = (float(v) for v in box)
+        return [round((x0 + left) * sx, 2), round((y0 + top) * sy, 2), round((x0 + bw + left) * sx, 2),
+                round((y0 + bh + top) * sy, 2)]
+
+
+# ------------------------------------------------------------------------------------------ helpers
+def expand_videos(inputs: Iterable[str]) -> list[str]:
+    """Paths, globs and directories (their video files, sorted) -> a list of paths; missing paths are kept
+    so that they are reported as failures."""
+    import glob
+
+    out: list[str] = []
+    for item in inputs:
+        path = Path(item)
+        if path.is_dir():
+            out += sorted(str(f) for f in path.iterdir() if f.suffix.lower() in VIDEO_SUFFIXES)
+        elif any(ch in item for ch in "*?[") and not path.exists():
+            matches = sorted(glob.glob(item, recursive=True))
+            out += matches if matches else [item]
+        else:
+            out.append(item)
+    return out
+
+
+def _passes(thresholds, k: int, score: float) -> bool:
+    if thresholds is None or k >= len(thresholds) or thresholds[k] is None:
+        return False
+    return score >= float(thresholds[k])
+
+
+def _host(x: Any) -> np.ndarray:
+    if isinstance(x, np.ndarray):
+        return x
+    if hasattr(x, "get"):  # cupy
+        return x.get()
+    if hasattr(x, "numpy"):  # OrtValue / torch
+        try:
+            return x.numpy()
+        except TypeError:
+            return x.cpu().numpy()
+    return np.asarray(x)
+
+
+def _softmax(x: np.ndarray) -> np.ndarray:
+    z = np.asarray(x, np.float64)
+    z = np.exp(z - z.max())
+    return z / z.sum()
+
+
+def _engine_record(bundle: Bundle):
+    if not bundle.manifest.engines:
+        raise BundleError(f"{bundle.path} has no TensorRT engines: run `adafocus build-engines {bundle.path}`")
+    return next(iter(bundle.manifest.engines.values()))
+
+
+def _torch_stage_engines(checkpoint, bundle: Bundle, device: str) -> dict[str, Any]:
+    from adafocus.engines.registry import create_engine
+    from adafocus.export.stages import SIGNATURES, StageModule
+    from adafocus.models import load
+
+    model = load(checkpoint)
+    engines = {}
+    for stage in ("global", "policy", "local"):
+        ins, outs = SIGNATURES[(model.cfg.family, stage)]
+        engines[stage] = create_engine("torch", module=StageModule(model, stage), input_names=list(ins),
+                                       output_names=list(outs), device=device)
+    return engines
