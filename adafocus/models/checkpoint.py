@@ -123,10 +123,41 @@ def load_strict(model: torch.nn.Module, state: dict[str, torch.Tensor], where: s
 
 
 def init_checkpoint(preset: str, out: str | Path, seed: int = 0, num_classes: int | None = None) -> Path:
-    """A randomly initialised model of ``preset`` saved in adafocus's format."""
+    """A randomly initialised model of ``preset`` saved in adafocus's format (BatchNorm statistics set on
+    random frames, see :func:`set_batchnorm_statistics`)."""
     torch.manual_seed(seed)
-    model = build_model(preset_config(preset, num_classes)).eval()
+    model = build_model(preset_config(preset, num_classes))
+    set_batchnorm_statistics(model, seed)
     return save(model, out, preset=preset, extra={"training": {"kind": "random-init", "seed": seed}})
+
+
+@torch.no_grad()
+def set_batchnorm_statistics(model: torch.nn.Module, seed: int = 0, batch: int = 2) -> torch.nn.Module:
+    """Give a randomly initialised model the BatchNorm running statistics of its own activations on random
+    frames. Fresh BatchNorm layers (mean 0, var 1) shrink a random network's activations layer by layer until
+    the policy sees zeros and every box is the same; with matching statistics, a random-weight model makes
+    varied, data-dependent decisions, which is what export checks and runtime tests need."""
+    g = torch.Generator().manual_seed(seed)
+    cfg = model.cfg
+    bns = [m for m in model.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
+    saved = [m.momentum for m in bns]
+    for m in bns:
+        m.reset_running_stats()
+        m.momentum = None  # cumulative average over the calls below
+    model.train()
+    s, p, k = cfg.frame_size, cfg.patch_size, cfg.num_focus
+    frames = torch.randn(batch, cfg.num_glance, 3, s, s, generator=g)
+    fmap, vec, _, context = model.glance(frames)
+    model.policy(fmap, vec)
+    if cfg.family == "base":
+        patches = torch.randn(batch * 2, 3, p, p, generator=g)
+        state = torch.zeros(batch * 2, cfg.mlp_dim)
+        model.local(patches, state, context.repeat(2, 1), torch.zeros(batch * 2, dtype=torch.long))
+    else:
+        model.local(torch.randn(batch, k, 3, p, p, generator=g), context)
+    for m, momentum in zip(bns, saved, strict=True):
+        m.momentum = momentum
+    return model.eval()
 
 
 def _infer_classes(state: dict[str, torch.Tensor]) -> int:
