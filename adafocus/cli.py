@@ -218,6 +218,70 @@ def bench_cmd(
     return 0
 
 
+# ---------------------------------------------------------------------------------------------- bench
+@app.command("add-dense")
+def add_dense_cmd(
+    bundle: Path = typer.Argument(..., help="Bundle directory (gets dense.onnx and a 'dense' stage)."),
+    checkpoint: Path = typer.Option(None, "--checkpoint", help="Dense baseline checkpoint (`adafocus train "
+                                    "--dense`) [default: random weights of the bundle's config, timing only]."),
+    precision: str = typer.Option(None, "--precision", help="fp32 or fp16 [default: the bundle's]."),
+):
+    """Export the dense baseline (the local encoder on every whole candidate frame) into a bundle for `bench`."""
+    from adafocus.export.dense import add_dense
+
+    add_dense(bundle, checkpoint, precision=precision, log=typer.echo)
+
+
+@app.command("bench")
+def bench_cmd(
+    videos: list[str] = typer.Argument(None, help="Videos, globs or directories [default: the --labels videos, "
+                                       "else the bundled samples]."),
+    more_videos: list[str] = typer.Option(None, "--videos", help="More videos, globs or directories (repeatable)."),
+    model: Path = typer.Option(None, "--model", "-m", help="Bundle directory (default: the bundled demo model)."),
+    labels: Path = typer.Option(None, "--labels", help="video,label CSV: adds accuracy; its videos are used when "
+                                "none are given."),
+    engine: list[str] = typer.Option(None, "--engine", "-e", help="Engine(s), repeatable or comma separated "
+                                     "[default: every engine of the device kind; unavailable ones are reported]."),
+    device: str = typer.Option("cpu", "--device", "-d", help="cpu or cuda[:N]."),
+    budgets: str = typer.Option("33%,full", "--budgets", "-b", help="Comma separated budgets: GFLOPs, % of the "
+                                "dense baseline's GFLOPs, or 'full'."),
+    batch: int = typer.Option(0, "--batch", help="Throughput mode: videos/s with 1, 2, 4 .. N videos in flight."),
+    warmup: float = typer.Option(2.0, "--warmup", help="Warm-up seconds before timing."),
+    repeats: int = typer.Option(3, "--repeats", help="Timed passes over the videos."),
+    threads: int = typer.Option(None, "--threads", help="CPU threads per engine (default: onnxruntime's)."),
+    checkpoint: Path = typer.Option(None, "--checkpoint", help="PyTorch checkpoint (for the torch engine)."),
+    no_dense: bool = typer.Option(False, "--no-dense", help="Skip the dense baseline."),
+    max_videos: int = typer.Option(None, "--max-videos", help="Use at most this many videos."),
+    json_out: Path = typer.Option(None, "--json", help="Report file [default: ./bench_<model>_<device>_<hw>.json]."),
+    plot: Path = typer.Option(None, "--plot", help="Write a plot (.png; adafocus[plot])."),
+):
+    """Latency per stage, videos/s and memory per engine and precision, against the dense baseline."""
+    from adafocus.bench.report import default_name, print_report, save_json, save_plot
+    from adafocus.bench.runner import BenchConfig, run_benchmark
+    from adafocus.runtime.pipeline import expand_videos
+
+    truth = None
+    if labels is not None:
+        from adafocus.dataset import read_labels_csv
+
+        truth = {str(v.path): v.label for v in read_labels_csv(labels)}
+    paths = expand_videos(list(videos or []) + list(more_videos or []))
+    if not paths:
+        paths = list(truth) if truth else _default_videos()
+    paths = paths[:max_videos] if max_videos else paths
+    names = [n.strip() for e in (engine or []) for n in e.split(",") if n.strip()] or None
+    plan = [b.strip() for b in budgets.split(",") if b.strip()]
+    config = BenchConfig(model or _default_bundle(), paths, truth, names, device, plan, batch, warmup, repeats,
+                         threads, checkpoint, not no_dense)
+    report = run_benchmark(config, log=lambda s: typer.echo(s, err=True))
+    print_report(report)
+    out = save_json(report, json_out or Path(default_name(report)))
+    typer.echo(f"saved {out}")
+    if plot is not None:
+        typer.echo(f"plot  {save_plot(report, plot)}")
+    return 0
+
+
 # -------------------------------------------------------------------------------------------- runtime
 def _default_bundle() -> Path:
     from adafocus.demo.shipped import bundle_path

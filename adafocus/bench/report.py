@@ -22,7 +22,8 @@ REPORT_KEYS = ("format", "version", "created", "environment", "bundle", "setting
                "throughput")
 ROW_KEYS = ("engine", "precision", "model", "budget", "budget_gflops", "status", "reason", "videos", "samples",
             "accuracy", "gflops", "mean_exit_step", "ms_e2e", "ms_model", "videos_per_s", "speedup_e2e",
-            "speedup_model", "gflops_ratio", "efficiency", "overhead_pct", "stages", "peak_rss_mb", "gpu_memory_mb")
+            "speedup_model", "gflops_ratio", "efficiency", "overhead_pct", "stages", "peak_rss_mb", "gpu_memory_mb",
+            "dense_precision")
 STAT_KEYS = ("p50", "p90", "p99", "mean", "n")
 STAGE_LABELS = {"local": "local (all steps)", "local_step": "local (per step)", "overhead": "orchestration",
                 "model": "total w/o decode", "total": "total (e2e)"}
@@ -34,7 +35,8 @@ def _fmt(value: Any, spec: str = ".2f", empty: str = "-") -> str:
 
 def _model_name(row: dict[str, Any]) -> str:
     if row["model"] == "dense":
-        return "dense"
+        other = row.get("dense_precision")
+        return "dense" if not other or other == row["precision"] else f"dense({other})"
     return "adafocus" if row.get("budget") is None else f"adafocus@{row['budget']}"
 
 

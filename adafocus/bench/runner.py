@@ -71,6 +71,13 @@ class BenchConfig:
     threads: int | None = None
     checkpoint: str | Path | None = None  # PyTorch checkpoint for the torch engine
     dense: bool = True
+    decode_workers: int | None = None  # throughput mode's decode threads (None: a quarter of the CPUs, 1..8)
+
+    def workers(self) -> int:
+        """Decode threads of the throughput mode: on a small CPU, more threads only steal the engines' cores."""
+        if self.decode_workers:
+            return max(1, int(self.decode_workers))
+        return max(1, min(8, (os.cpu_count() or 2) // 4))
 
     def to_dict(self) -> dict:
         d = asdict(self)
@@ -78,6 +85,7 @@ class BenchConfig:
         d["checkpoint"] = None if self.checkpoint is None else str(self.checkpoint)
         d["labels"] = None if self.labels is None else len(self.labels)
         d["videos"] = len(self.videos)
+        d["decode_workers"] = self.workers()
         return d
 
 
@@ -107,7 +115,8 @@ class BenchRow:
 
     ``status``: ``ok``, ``unavailable`` (engine not installed / no device), ``skipped`` (e.g. no dense file),
     or ``failed``; ``reason`` says why when not ok. ``ms_e2e`` / ``ms_model``: mean ms per video with and
-    without decode; ``speedup_*`` = dense ms / this row's ms (the dense row of the same engine and precision);
+    without decode; ``speedup_*`` = dense ms / this row's ms (the dense row measured with it, same engine;
+    ``dense_precision`` names the dense file's precision, which an int8 adaptive row is compared against);
     ``gflops_ratio`` = dense GFLOPs / this row's mean GFLOPs; ``efficiency`` = speedup_model / gflops_ratio.
     """
 
@@ -134,6 +143,7 @@ class BenchRow:
     stages: dict[str, Stats] = field(default_factory=dict)
     peak_rss_mb: float | None = None
     gpu_memory_mb: float | None = None
+    dense_precision: str | None = None
     labels: dict[str, str] = field(default_factory=dict, repr=False)  # video -> predicted label (first repeat)
 
     def to_dict(self) -> dict:
@@ -484,9 +494,11 @@ def _bench_engine(config: BenchConfig, engine: str, precision: str, main_precisi
         if dense_reason is not None:
             rows.append(BenchRow(engine, precision, "dense", status="skipped", reason=dense_reason))
         if dense_row is not None:
+            dense_row.dense_precision = _dense_precision(pipe.manifest)
             for row in rows:
                 if row.model == "adafocus" and row.status == "ok":
                     _compare(row, dense_row)
+                    row.dense_precision = dense_row.dense_precision
         for row in rows:
             if row.status == "ok":
                 say(_summary(row))
@@ -538,6 +550,11 @@ def _row(model: _Model, engine: str, precision: str, config: BenchConfig, pipe, 
     return row
 
 
+def _dense_precision(manifest) -> str:
+    info = manifest.verification.get("dense", {}) if isinstance(manifest.verification, dict) else {}
+    return str(info.get("precision") or manifest.precision)
+
+
 def _dense_is_random(manifest) -> bool:
     info = manifest.verification.get("dense", {}) if isinstance(manifest.verification, dict) else {}
     return bool(info.get("random_init"))
@@ -584,7 +601,7 @@ def _throughput(config: BenchConfig, engine: str, precision: str, pipe, dense_en
         work = list(config.videos) * passes
         for text in config.budgets:
             budget = pipe.budget(budget_gflops(pipe.manifest, text))
-            runner = BatchedRunner(pipe, batch=size)
+            runner = BatchedRunner(pipe, batch=size, workers=config.workers())
             for _ in runner.run(config.videos[:size], budget):  # warm-up at this batch size
                 pass
             start = time.perf_counter()
@@ -596,10 +613,12 @@ def _throughput(config: BenchConfig, engine: str, precision: str, pipe, dense_en
             say(f"  batch {size:<3} adafocus @ {text:<6} {done / wall:8.2f} videos/s "
                 f"(mean {runner.stats.mean_batch():.2f} videos per local call)")
         if dense_engine is not None:
-            for _ in dense_batched(dense_engine, pipe, config.videos[:size], size):
+            workers = config.workers()
+            for _ in dense_batched(dense_engine, pipe, config.videos[:size], size, workers):
                 pass
             start = time.perf_counter()
-            done = sum(1 for _, r in dense_batched(dense_engine, pipe, work, size) if not isinstance(r, Exception))
+            done = sum(1 for _, r in dense_batched(dense_engine, pipe, work, size, workers)
+                       if not isinstance(r, Exception))
             wall = time.perf_counter() - start
             out.append(ThroughputRow(engine, precision, "dense", None, size, videos=done, wall_s=round(wall, 4),
                                      videos_per_s=round(done / wall, 3), mean_batch=float(min(size, len(work)))))
