@@ -21,9 +21,9 @@ STATUS_MARK = {"ok": "ok", "unavailable": "n/a", "skipped": "skip", "failed": "F
 REPORT_KEYS = ("format", "version", "created", "environment", "bundle", "settings", "definitions", "results",
                "throughput")
 ROW_KEYS = ("engine", "precision", "model", "budget", "budget_gflops", "status", "reason", "videos", "samples",
-            "accuracy", "gflops", "mean_exit_step", "ms_e2e", "ms_model", "videos_per_s", "speedup_e2e",
-            "speedup_model", "gflops_ratio", "efficiency", "overhead_pct", "stages", "peak_rss_mb", "gpu_memory_mb",
-            "dense_precision")
+            "accuracy", "gflops", "mean_exit_step", "ms_e2e", "ms_model", "ms_compute", "videos_per_s",
+            "speedup_e2e", "speedup_model", "speedup_compute", "gflops_ratio", "efficiency", "overhead_pct",
+            "stages", "peak_rss_mb", "gpu_memory_mb", "dense_precision")
 STAT_KEYS = ("p50", "p90", "p99", "mean", "n")
 STAGE_LABELS = {"local": "local (all steps)", "local_step": "local (per step)", "overhead": "orchestration",
                 "model": "total w/o decode", "total": "total (e2e)"}

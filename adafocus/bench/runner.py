@@ -115,9 +115,11 @@ class BenchRow:
 
     ``status``: ``ok``, ``unavailable`` (engine not installed / no device), ``skipped`` (e.g. no dense file),
     or ``failed``; ``reason`` says why when not ok. ``ms_e2e`` / ``ms_model``: mean ms per video with and
-    without decode; ``speedup_*`` = dense ms / this row's ms (the dense row measured with it, same engine;
-    ``dense_precision`` names the dense file's precision, which an int8 adaptive row is compared against);
-    ``gflops_ratio`` = dense GFLOPs / this row's mean GFLOPs; ``efficiency`` = speedup_model / gflops_ratio.
+    without decode; ``ms_compute``: without decode and preprocessing (the networks, crops and the Python
+    between them: what the GFLOPs count speaks about). ``speedup_*`` = dense ms / this row's ms (the dense
+    row measured with it, same engine; ``dense_precision`` names the dense file's precision, which an int8
+    adaptive row is compared against); ``gflops_ratio`` = dense GFLOPs / this row's mean GFLOPs;
+    ``efficiency`` = speedup_model / gflops_ratio.
     """
 
     engine: str
@@ -134,9 +136,11 @@ class BenchRow:
     mean_exit_step: float | None = None
     ms_e2e: float | None = None
     ms_model: float | None = None
+    ms_compute: float | None = None
     videos_per_s: float | None = None
     speedup_e2e: float | None = None
     speedup_model: float | None = None
+    speedup_compute: float | None = None
     gflops_ratio: float | None = None
     efficiency: float | None = None
     overhead_pct: float | None = None
@@ -365,6 +369,7 @@ def run_benchmark(config: BenchConfig, log: Log | None = print) -> dict[str, Any
         raise AdaFocusError("no videos to benchmark")
     if config.repeats < 1:
         raise AdaFocusError(f"repeats must be >= 1, got {config.repeats}")
+    check_videos(config.videos)
     bundle = load_bundle(config.bundle, verify=True)
     m = bundle.manifest
     for text in config.budgets:  # a malformed or too small budget fails here, before anything is measured
@@ -417,6 +422,8 @@ DEFINITIONS = {
     "ms_e2e": "mean ms per video, end to end: decode + preprocess + engines + crop + orchestration",
     "ms_model": "mean ms per video without decode (the adaptive model and the dense baseline decode the same "
                 "candidate frames)",
+    "ms_compute": "mean ms per video without decode and preprocessing (both preprocess the same frames): "
+                  "engines + crop + orchestration",
     "videos_per_s": "1000 / ms_e2e: one video at a time, decode not overlapped (see throughput for batches)",
     "overhead": "orchestration = total - decode - preprocess - upload - engine calls - crop; overhead_pct is "
                 "its share of ms_model",
@@ -428,6 +435,23 @@ DEFINITIONS = {
     "peak_rss_mb": "peak resident memory of the process while this model ran (every model of this engine "
                    "loaded)",
 }
+
+
+def check_videos(paths: list[str]) -> None:
+    """Every video must open (header only): a bad file fails the run before anything is measured, instead of
+    failing every engine in turn."""
+    from adafocus.errors import VideoError
+    from adafocus.runtime.decode import probe
+
+    bad = []
+    for path in paths:
+        try:
+            probe(path)
+        except VideoError as exc:
+            bad.append(str(exc))
+    if bad:
+        more = f" (and {len(bad) - 3} more)" if len(bad) > 3 else ""
+        raise VideoError(f"cannot benchmark {len(bad)} of {len(paths)} videos: {'; '.join(bad[:3])}{more}")
 
 
 def budget_gflops(manifest, text: str | None) -> float:
@@ -534,6 +558,7 @@ def _row(model: _Model, engine: str, precision: str, config: BenchConfig, pipe, 
                    videos=len(config.videos), samples=len(model.samples), ms_e2e=round(e2e, 3),
                    ms_model=round(ms_model, 3), videos_per_s=round(1000.0 / e2e, 3) if e2e > 0 else None,
                    stages=stages, peak_rss_mb=model.peak, gpu_memory_mb=gpu_mb, labels=dict(model.labels))
+    row.ms_compute = round(ms_model - stages["preprocess"].mean, 3)
     if ms_model > 0:
         row.overhead_pct = round(100.0 * stages["overhead"].mean / ms_model, 3)
     if model.name == "adafocus":
@@ -565,6 +590,8 @@ def _compare(row: BenchRow, dense: BenchRow) -> None:
         row.speedup_e2e = round(dense.ms_e2e / row.ms_e2e, 3)
     if dense.ms_model and row.ms_model:
         row.speedup_model = round(dense.ms_model / row.ms_model, 3)
+    if dense.ms_compute and row.ms_compute:
+        row.speedup_compute = round(dense.ms_compute / row.ms_compute, 3)
     if dense.gflops and row.gflops:
         row.gflops_ratio = round(dense.gflops / row.gflops, 3)
     if row.speedup_model and row.gflops_ratio:
@@ -576,7 +603,8 @@ def _summary(row: BenchRow) -> str:
     text = (f"  {what:<18} {row.ms_e2e:8.2f} ms/video e2e, {row.ms_model:8.2f} model-only, "
             f"{row.gflops or 0:.4g} GFLOPs, overhead {row.overhead_pct or 0:.1f}%")
     if row.speedup_model:
-        text += f", speedup {row.speedup_model:.2f}x (GFLOPs ratio {row.gflops_ratio or 0:.2f}x)"
+        text += (f", speedup {row.speedup_model:.2f}x (w/o preprocess {row.speedup_compute or 0:.2f}x; GFLOPs "
+                 f"ratio {row.gflops_ratio or 0:.2f}x)")
     return text
 
 
@@ -626,6 +654,8 @@ def _throughput(config: BenchConfig, engine: str, precision: str, pipe, dense_en
     return out
 
 
-__all__ = ["DEFINITIONS", "BenchConfig", "BenchRow", "Stats", "ThroughputRow", "batch_sizes", "bundle_precisions",
-           "engine_list", "gpu_memory_mb", "open_dense", "open_pipeline", "peak_rss_mb", "reset_peak_rss",
-           "run_benchmark", "time_adafocus", "time_dense"]
+__all__ = [
+    "DEFINITIONS", "BenchConfig", "BenchRow", "Stats", "ThroughputRow", "batch_sizes", "budget_gflops",
+    "bundle_precisions", "check_videos", "engine_list", "gpu_memory_mb", "open_dense", "open_pipeline", "peak_rss_mb",
+    "reset_peak_rss", "run_benchmark", "time_adafocus", "time_dense",
+]
