@@ -253,3 +253,26 @@ def test_bench_does_not_import_torch():
     code = ("import sys, adafocus.bench, adafocus.bench.runner, adafocus.bench.batched, adafocus.bench.report, "
             "adafocus.bench.env; assert 'torch' not in sys.modules, 'torch imported'")
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+@pytest.mark.gpu
+def test_gpu_bench_and_batched(request):
+    """On a CUDA machine: ort-cuda with GPU crops; batched decisions = one at a time; the GPU is named."""
+    from adafocus.engines.registry import available_engines
+
+    reason = available_engines("cuda").get("ort-cuda")
+    if reason is not None:
+        pytest.skip(f"ort-cuda cannot run here: {reason}")
+    pytest.importorskip("cupy", reason="GPU crops need cupy (pip install 'adafocus[gpu]')")
+    bundle, clips = request.getfixturevalue("bundle"), request.getfixturevalue("clips")  # after the skip checks
+    with Pipeline.from_bundle(bundle, engine="ort-cuda", device="cuda") as pipe:
+        budget = pipe.budget("0.075")
+        ref = {p: pipe(p, budget) for p in clips}
+        got = dict(BatchedRunner(pipe, batch=3).run(clips, budget))
+        for p in clips:
+            assert (got[p].label, got[p].exit_step) == (ref[p].label, ref[p].exit_step)
+    report = run_benchmark(BenchConfig(bundle, clips[:2], engines=["ort-cuda"], device="cuda", budgets=["full"],
+                                       warmup_s=0, repeats=1, batch=2), log=None)
+    rows = {r["model"]: r for r in report["results"]}
+    assert rows["adafocus"]["status"] == "ok" and rows["dense"]["status"] == "ok"
+    assert report["environment"]["gpu"] != "unknown"
