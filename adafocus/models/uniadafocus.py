@@ -79,7 +79,9 @@ class UniAdaFocus(nn.Module):
         fmap, vec = self.global_CNN.get_featmap(self.glance_input(frames))
         fmap = fmap.view(b, t, *fmap.shape[1:])
         vec = vec.view(b, t, -1)
-        context = self.classifier.global_pool(vec)[:, -1]
+        # the running max after the last glance frame (global_pool(vec)[:, -1]) without cummax, which has
+        # no ONNX export
+        context = self.classifier.global_mlp(vec.flatten(0, 1)).view(b, t, -1).amax(dim=1)
         return fmap, vec, self.classifier.exit0_logits(context), context
 
     def policy(self, fmap: torch.Tensor, vec: torch.Tensor):

@@ -1,0 +1,518 @@
+"""The bundle: a directory of per-stage ONNX files (+ TensorRT engines) and the ``manifest.json`` that
+describes them. It is the only thing the runtime needs, so this module imports neither torch nor onnx.
+
+Layout::
+
+    bundle/
+      manifest.json     this module's Manifest, as JSON
+      global.onnx       glance frames -> feature maps, vectors, exit-0 logits, context
+      policy.onnx       feature maps, vectors -> per-candidate box actions, temporal weights
+      local.onnx        patch(es) (+ classifier state) -> step logits (+ new state)
+      dense.onnx        optional: a dense baseline (not built by the exporter)
+      *.engine          optional: TensorRT engines, one per stage, recorded under ``engines``
+
+Every file is listed in ``manifest.files`` with its sha256 and size; :func:`load_bundle` refuses a bundle
+whose files differ from what was recorded. Tools that add files (calibration, engine builds) go through
+:func:`update_manifest`, which re-verifies, lets them edit the manifest, and recomputes the checksums.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+import tempfile
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path, PurePosixPath
+from typing import Any
+
+from adafocus.errors import BundleError
+
+FORMAT = "adafocus-bundle"
+FORMAT_VERSION = 1
+MANIFEST_NAME = "manifest.json"
+STAGES = ("global", "policy", "local")  # every bundle has these, run in this order
+OPTIONAL_STAGES = ("dense",)  # a dense baseline may be added later; never required
+BATCH = "batch"  # the only symbolic dimension in any stage's inputs and outputs
+
+
+# ------------------------------------------------------------------------------------------- records
+@dataclass
+class TensorInfo:
+    """One named input or output of a stage: ``shape`` holds ints and at most the symbol ``"batch"``."""
+
+    name: str
+    shape: list[int | str]
+    dtype: str  # numpy dtype name: "float32", "int64", ...
+
+    def to_dict(self) -> dict:
+        return {"name": self.name, "shape": list(self.shape), "dtype": self.dtype}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> TensorInfo:
+        return cls(str(d["name"]), list(d["shape"]), str(d["dtype"]))
+
+    def __str__(self) -> str:
+        return f"{self.name}: {self.dtype}[{', '.join(str(s) for s in self.shape)}]"
+
+
+@dataclass
+class StageInfo:
+    """One stage's file, I/O and cost (GFLOPs = multiply-adds of one call at batch 1)."""
+
+    file: str
+    inputs: list[TensorInfo]
+    outputs: list[TensorInfo]
+    gflops: float
+
+    def to_dict(self) -> dict:
+        return {"file": self.file, "inputs": [t.to_dict() for t in self.inputs],
+                "outputs": [t.to_dict() for t in self.outputs], "gflops": self.gflops}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> StageInfo:
+        return cls(str(d["file"]), [TensorInfo.from_dict(t) for t in d["inputs"]],
+                   [TensorInfo.from_dict(t) for t in d["outputs"]], float(d["gflops"]))
+
+
+@dataclass
+class Preprocessing:
+    """How decoded frames become the tensors the engines take, and which frames the host picks.
+
+    Frames: resize the shorter side to ``resize_size``, centre-crop ``frame_size``, scale to [0, 1],
+    normalise with ``mean``/``std`` (RGB order when ``rgb``), layout ``[3, S, S]``. ``num_segments`` TSN
+    segment-centre frames are sampled; the glance sees ``glance_positions`` of them (None: the glance frames
+    are their own ``num_glance`` TSN segments of the video, as in the TSM family), resized to
+    ``glance_size`` inside global.onnx. The K focus frames are drawn from the ``candidates`` by
+    ``focus_positions(weights, candidates, num_focus, clamp=focus_clamp)``; each patch is a
+    ``crop_boxes(actions, frame_size, crop_min, crop_max)`` box resampled to ``patch_size`` on the host.
+    """
+
+    resize_size: int
+    frame_size: int
+    glance_size: int
+    mean: list[float]
+    std: list[float]
+    rgb: bool
+    num_segments: int
+    num_glance: int
+    glance_positions: list[int] | None
+    candidates: int
+    num_focus: int
+    focus_clamp: bool
+    patch_size: int
+    crop_min: float
+    crop_max: float
+    patches_per_step: int
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> Preprocessing:
+        return cls(**_known(cls, d, "preprocessing"))
+
+
+@dataclass
+class Costs:
+    """GFLOPs (multiply-adds) of one video: ``exits[k]`` is the cumulative cost of exiting at step k."""
+
+    glance: float
+    policy: float
+    step: float
+    exits: list[float]
+    patches_per_step: int
+    parts: dict[str, float] = field(default_factory=dict)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> Costs:
+        return cls(**_known(cls, d, "costs"))
+
+
+@dataclass
+class ExitPolicy:
+    """Early-exit rule: exit at step k when ``criterion(logits_k) >= table[k]``.
+
+    ``thresholds`` maps a table name (one per budget, written by calibration) to its per-step thresholds;
+    it is empty until the bundle is calibrated, and then the runtime runs every step.
+    """
+
+    criterion: str = "max_logit"
+    thresholds: dict[str, Any] = field(default_factory=dict)
+
+    def to_dict(self) -> dict:
+        return {"criterion": self.criterion, "thresholds": self.thresholds}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> ExitPolicy:
+        return cls(**_known(cls, d, "exit"))
+
+
+@dataclass
+class FileEntry:
+    """sha256 (hex) and size in bytes of one bundle file."""
+
+    sha256: str
+    size: int
+
+    def to_dict(self) -> dict:
+        return {"sha256": self.sha256, "size": self.size}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> FileEntry:
+        return cls(str(d["sha256"]), int(d["size"]))
+
+
+@dataclass
+class EngineRecord:
+    """TensorRT engines of one build: they only load on the same TensorRT version and compute capability.
+
+    ``files`` maps a stage name to its engine file (its checksum is in ``Manifest.files``); ``batch`` is
+    the optimisation profile ``{"min", "opt", "max"}``.
+    """
+
+    tensorrt_version: str
+    compute_capability: str
+    device: str
+    precision: str
+    files: dict[str, str]
+    batch: dict[str, int] = field(default_factory=dict)
+    created: str = ""
+    extra: dict[str, Any] = field(default_factory=dict)  # builder details (workspace, strongly typed, ...)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> EngineRecord:
+        return cls(**_known(cls, d, "engine record"))
+
+
+# ------------------------------------------------------------------------------------------ manifest
+@dataclass
+class Manifest:
+    """Everything the runtime needs to know about a bundle; serialised as ``manifest.json``.
+
+    ``config`` is ``ModelConfig.to_dict()`` (labels included); ``verification`` is what the exporter
+    measured (per-stage errors, end-to-end decisions); ``training`` is copied from the checkpoint.
+    """
+
+    producer: dict[str, str]
+    created: str
+    preset: str | None
+    family: str
+    config: dict[str, Any]
+    labels: list[str]
+    preprocessing: Preprocessing
+    stages: dict[str, StageInfo]
+    costs: Costs
+    exit: ExitPolicy
+    opset: int
+    precision: str
+    files: dict[str, FileEntry] = field(default_factory=dict)
+    engines: dict[str, EngineRecord] = field(default_factory=dict)
+    verification: dict[str, Any] = field(default_factory=dict)
+    training: dict[str, Any] | None = None
+    format: str = FORMAT
+    format_version: int = FORMAT_VERSION
+
+    def to_dict(self) -> dict:
+        return {
+            "format": self.format,
+            "format_version": self.format_version,
+            "producer": dict(self.producer),
+            "created": self.created,
+            "preset": self.preset,
+            "family": self.family,
+            "config": self.config,
+            "labels": list(self.labels),
+            "preprocessing": self.preprocessing.to_dict(),
+            "stages": {k: v.to_dict() for k, v in self.stages.items()},
+            "costs": self.costs.to_dict(),
+            "exit": self.exit.to_dict(),
+            "opset": self.opset,
+            "precision": self.precision,
+            "files": {k: v.to_dict() for k, v in sorted(self.files.items())},
+            "engines": {k: v.to_dict() for k, v in self.engines.items()},
+            "verification": self.verification,
+            "training": self.training,
+        }
+
+    @classmethod
+    def from_dict(cls, d: dict) -> Manifest:
+        """Parse a manifest, refusing other formats and other format versions with a clear message."""
+        if not isinstance(d, dict) or d.get("format") != FORMAT:
+            found = d.get("format") if isinstance(d, dict) else None
+            raise BundleError(f"not an adafocus bundle manifest (format {found!r}, expected {FORMAT!r})")
+        version = d.get("format_version")
+        if not isinstance(version, int):
+            raise BundleError(f"bundle manifest has no valid format_version ({version!r})")
+        if version > FORMAT_VERSION:
+            raise BundleError(f"bundle format version {version} is newer than this adafocus supports "
+                              f"({FORMAT_VERSION}): upgrade adafocus")
+        if version < FORMAT_VERSION:
+            raise BundleError(f"bundle format version {version} is older than this adafocus supports "
+                              f"({FORMAT_VERSION}): re-export it with adafocus-export")
+        try:
+            m = cls(
+                producer=dict(d["producer"]),
+                created=str(d["created"]),
+                preset=d.get("preset"),
+                family=str(d["family"]),
+                config=dict(d["config"]),
+                labels=[str(x) for x in d["labels"]],
+                preprocessing=Preprocessing.from_dict(d["preprocessing"]),
+                stages={k: StageInfo.from_dict(v) for k, v in d["stages"].items()},
+                costs=Costs.from_dict(d["costs"]),
+                exit=ExitPolicy.from_dict(d["exit"]),
+                opset=int(d["opset"]),
+                precision=str(d["precision"]),
+                files={k: FileEntry.from_dict(v) for k, v in d.get("files", {}).items()},
+                engines={k: EngineRecord.from_dict(v) for k, v in d.get("engines", {}).items()},
+                verification=dict(d.get("verification") or {}),
+                training=d.get("training"),
+                format_version=version,
+            )
+        except BundleError:
+            raise
+        except (KeyError, TypeError, ValueError, AttributeError) as exc:
+            raise BundleError(f"malformed bundle manifest: {type(exc).__name__}: {exc}") from exc
+        missing = [s for s in STAGES if s not in m.stages]
+        if missing:
+            raise BundleError(f"bundle manifest lacks the stage(s) {', '.join(missing)}")
+        return m
+
+    def referenced_files(self) -> list[str]:
+        """Every file the manifest points at: stage files, engine files and the ``files`` table."""
+        names = [s.file for s in self.stages.values()]
+        names += [f for rec in self.engines.values() for f in rec.files.values()]
+        names += list(self.files)
+        return sorted(set(names))
+
+    def num_exits(self) -> int:
+        return len(self.costs.exits)
+
+
+def now_iso() -> str:
+    """UTC timestamp for ``created`` fields."""
+    return datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+# -------------------------------------------------------------------------------------------- bundle
+@dataclass
+class Bundle:
+    """A loaded bundle: its directory and manifest."""
+
+    path: Path
+    manifest: Manifest
+
+    def file(self, name: str) -> Path:
+        """Absolute path of a bundle file, refusing names that leave the bundle directory."""
+        return self.path / _safe_name(name)
+
+    def stage_path(self, stage: str) -> Path:
+        if stage not in self.manifest.stages:
+            known = ", ".join(self.manifest.stages)
+            raise BundleError(f"bundle {self.path} has no stage {stage!r} (has: {known})")
+        return self.file(self.manifest.stages[stage].file)
+
+    def has_stage(self, stage: str) -> bool:
+        return stage in self.manifest.stages
+
+    @property
+    def labels(self) -> list[str]:
+        return self.manifest.labels
+
+    def describe(self) -> str:
+        """A human-readable summary: model, preprocessing, stage I/O and GFLOPs, exits, engines, checks."""
+        m, p = self.manifest, self.manifest.preprocessing
+        lines = [f"bundle     {self.path} ({m.format} v{m.format_version}, {len(m.files)} files with sha256)",
+                 f"model      preset {m.preset or '-'} ({m.family}), {len(m.labels)} classes, {m.precision}, "
+                 f"opset {m.opset}; made by {m.producer.get('name', '?')} {m.producer.get('version', '?')} "
+                 f"on {m.created}",
+                 f"frames     resize {p.resize_size} -> centre crop {p.frame_size}, {'RGB' if p.rgb else 'BGR'}, "
+                 f"mean {p.mean}, std {p.std}; {p.num_segments} frames sampled",
+                 "glance     " + (f"{p.num_glance} frames at positions {p.glance_positions}"
+                                  if p.glance_positions is not None else f"{p.num_glance} frames (own segments)")
+                 + f", seen at {p.glance_size} px",
+                 f"focus      {p.num_focus} of {p.candidates} candidates, {p.patches_per_step} patch(es) of "
+                 f"{p.patch_size} px per step from {p.crop_min:g}..{p.crop_max:g}-px boxes",
+                 "stages"]
+        for name, st in m.stages.items():
+            size = m.files[st.file].size if st.file in m.files else 0
+            lines.append(f"  {name:<7} {st.file:<12} {st.gflops:9.4f} GFLOPs  {size / 1e6:7.1f} MB")
+            lines += [f"    in   {t}" for t in st.inputs] + [f"    out  {t}" for t in st.outputs]
+        exits = ", ".join(f"{c:.3g}" for c in m.costs.exits)
+        lines.append(f"costs      GFLOPs per video at exit 0..{len(m.costs.exits) - 1}: {exits}")
+        tables = ", ".join(m.exit.thresholds) or "none (not calibrated: every video runs every step)"
+        lines.append(f"exits      criterion {m.exit.criterion}; threshold tables: {tables}")
+        if m.engines:
+            for key, rec in m.engines.items():
+                lines.append(f"engines    {key}: TensorRT {rec.tensorrt_version}, sm {rec.compute_capability} "
+                             f"({rec.device}), {rec.precision}, batch {rec.batch}")
+        else:
+            lines.append("engines    none (adafocus build-engines BUNDLE builds TensorRT engines)")
+        v = m.verification
+        if v.get("skipped"):
+            lines.append("verified   no (exported with --no-verify)")
+        elif "passed" in v:
+            worst = max((c.get("max_rel", 0.0) for c in v.get("stages", [])), default=0.0)
+            exits_at = [x.get("exit_onnx") for x in v.get("videos", [])]
+            lines.append(f"verified   {'passed' if v['passed'] else 'FAILED'} ({v.get('precision')}): max rel err "
+                         f"{worst:.2g} over {len(v.get('stages', []))} outputs; {len(exits_at)} videos exiting "
+                         f"at {exits_at}")
+        if m.training:
+            lines.append(f"training   {json.dumps(m.training)}")
+        return "\n".join(lines)
+
+    @property
+    def preprocessing(self) -> Preprocessing:
+        return self.manifest.preprocessing
+
+
+def sha256_file(path: str | Path, chunk: int = 1 << 20) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()
+
+
+def checksum_files(bundle_dir: str | Path, names) -> dict[str, FileEntry]:
+    """sha256 + size of each named file in ``bundle_dir``; a missing file is a BundleError."""
+    bundle_dir = Path(bundle_dir)
+    out = {}
+    for name in sorted(set(names)):
+        path = bundle_dir / _safe_name(name)
+        if not path.is_file():
+            raise BundleError(f"bundle file {name} is missing from {bundle_dir}")
+        out[name] = FileEntry(sha256_file(path), path.stat().st_size)
+    return out
+
+
+def read_manifest(bundle_dir: str | Path) -> Manifest:
+    """Parse ``manifest.json`` of a bundle directory (or the manifest file itself), without checking files."""
+    path = Path(bundle_dir)
+    if path.is_dir():
+        path = path / MANIFEST_NAME
+    elif not path.exists():
+        raise BundleError(f"bundle not found: {bundle_dir}")
+    if not path.is_file():
+        raise BundleError(f"{path.parent} is not a bundle: {MANIFEST_NAME} is missing")
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise BundleError(f"{path} is not valid JSON ({exc})") from exc
+    return Manifest.from_dict(data)
+
+
+def verify_files(bundle_dir: str | Path, manifest: Manifest) -> None:
+    """Check every referenced file against its recorded sha256 and size; BundleError names the first bad one."""
+    bundle_dir = Path(bundle_dir)
+    for name in manifest.referenced_files():
+        path = bundle_dir / _safe_name(name)
+        entry = manifest.files.get(name)
+        if entry is None:
+            raise BundleError(f"bundle file {name} has no checksum in the manifest")
+        if not path.is_file():
+            raise BundleError(f"bundle file {name} is missing from {bundle_dir}")
+        size = path.stat().st_size
+        if size != entry.size:
+            raise BundleError(f"bundle file {name} has {size} bytes, the manifest says {entry.size}: "
+                              "it was truncated or changed after export")
+        if sha256_file(path) != entry.sha256:
+            raise BundleError(f"bundle file {name} does not match its sha256 checksum: it was changed after "
+                              "export (re-export the bundle)")
+
+
+def load_bundle(path: str | Path, verify: bool = True) -> Bundle:
+    """Open a bundle directory; with ``verify`` every file is checked against the manifest's checksums."""
+    bundle_dir = Path(path)
+    if bundle_dir.name == MANIFEST_NAME and bundle_dir.is_file():
+        bundle_dir = bundle_dir.parent
+    if not bundle_dir.exists():
+        raise BundleError(f"bundle not found: {path}")
+    manifest = read_manifest(bundle_dir)
+    if verify:
+        verify_files(bundle_dir, manifest)
+    return Bundle(bundle_dir, manifest)
+
+
+def write_manifest(bundle_dir: str | Path, manifest: Manifest) -> Path:
+    """Write ``manifest.json`` atomically (temp file in the same directory, fsync, rename)."""
+    bundle_dir = Path(bundle_dir)
+    target = bundle_dir / MANIFEST_NAME
+    text = dumps(manifest.to_dict()) + "\n"
+    fd, tmp = tempfile.mkstemp(prefix=f".{MANIFEST_NAME}.", dir=bundle_dir)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, target)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    return target
+
+
+def dumps(obj: Any, indent: int = 2, _level: int = 0) -> str:
+    """JSON with objects indented and lists of scalars (shapes, means, thresholds) kept on one line."""
+    pad, inner = " " * (indent * _level), " " * (indent * (_level + 1))
+    flat = json.dumps(obj)
+    children = obj.values() if isinstance(obj, dict) else obj if isinstance(obj, list) else ()
+    if len(flat) <= 100 and not any(isinstance(v, dict) for v in children):
+        return flat  # short records (a tensor's name/shape/dtype, a file's checksum) on one line
+    if isinstance(obj, dict) and obj:
+        items = [f"{inner}{json.dumps(str(k))}: {dumps(v, indent, _level + 1)}" for k, v in obj.items()]
+        return "{\n" + ",\n".join(items) + f"\n{pad}}}"
+    if isinstance(obj, list) and any(isinstance(v, (dict, list)) for v in obj):
+        items = [f"{inner}{dumps(v, indent, _level + 1)}" for v in obj]
+        return "[\n" + ",\n".join(items) + f"\n{pad}]"
+    return flat
+
+
+def update_manifest(bundle_dir: str | Path, fn: Callable[[Manifest], Manifest | None],
+                    verify: bool = True) -> Manifest:
+    """Edit a bundle's manifest and recompute the checksums of every file it references.
+
+    The bundle is verified first (so that an edit never blesses a tampered file), then ``fn`` edits the
+    manifest in place or returns a new one. Files that ``fn`` adds (a new engine, an int8 stage, an entry
+    ``files[name]`` with any value) are hashed; a file listed in ``files`` that no longer exists is an error.
+    """
+    bundle = load_bundle(bundle_dir, verify=verify)
+    manifest = fn(bundle.manifest) or bundle.manifest
+    manifest.files = checksum_files(bundle.path, manifest.referenced_files())
+    write_manifest(bundle.path, manifest)
+    return manifest
+
+
+# ------------------------------------------------------------------------------------------- helpers
+def _safe_name(name: str) -> str:
+    """A bundle file name: relative, inside the bundle (no absolute paths, no '..')."""
+    p = PurePosixPath(name)
+    if not name or p.is_absolute() or ".." in p.parts or "\\" in name:
+        raise BundleError(f"bad bundle file name {name!r}: must be a relative path inside the bundle")
+    return name
+
+
+def _known(cls, d: dict, what: str) -> dict:
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(d) - names)
+    if unknown:
+        raise BundleError(f"unknown {what} keys in bundle manifest: {', '.join(unknown)}")
+    return dict(d)
+
+
+__all__ = [
+    "BATCH", "FORMAT", "FORMAT_VERSION", "MANIFEST_NAME", "OPTIONAL_STAGES", "STAGES",
+    "Bundle", "Costs", "EngineRecord", "ExitPolicy", "FileEntry", "Manifest", "Preprocessing", "StageInfo",
+    "TensorInfo", "checksum_files", "dumps", "load_bundle", "now_iso", "read_manifest", "sha256_file",
+    "update_manifest", "verify_files", "write_manifest",
+]

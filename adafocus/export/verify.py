@@ -1,0 +1,450 @@
+"""Verification of an exported bundle against the PyTorch reference: per stage, then whole videos.
+
+1. **Stages**: each ONNX file runs in onnxruntime on the same realistic inputs as the fp32 PyTorch stage
+   (chained through the model, at a batch size other than the traced one, which also checks the dynamic
+   batch); max abs and max rel error per output, where rel = max abs error / max |reference|.
+2. **End to end**: random videos run step by step both ways, the ONNX side with the runtime's host logic
+   (numpy frame choice, :func:`adafocus.runtime.crop.crop_cpu` crop, explicit classifier state). Exit
+   thresholds are set between the two highest reference scores of every step, so that videos exit at
+   different steps; the exit steps, predictions, focus positions and boxes are compared.
+
+Tolerances (:data:`TOLERANCES`), per output ``max_abs <= rtol * max|ref| + atol + drift_factor * drift``:
+
+- fp32: rtol 1e-4, atol 0, no drift term; every decision identical. Float32 reorderings give ~1e-6 on
+  well-scaled weights; random weights with BatchNorm statistics amplify them to ~2e-5 (glance stage of
+  ``tiny``), and the end-to-end logits, which compound all three stages, to ~1e-4 (see
+  :func:`end_to_end_tolerance`).
+- fp16: rtol 1e-3, atol 2**-14, drift_factor 2, where ``drift`` is how far the *PyTorch* model run in fp16
+  lands from the fp32 one on the same inputs. Why not a fixed rtol: what fp16 costs depends on the
+  weights, not on the export. fp16's unit roundoff is 2**-11 ~ 4.9e-4 per layer boundary and per weight;
+  a well-conditioned (trained) network keeps that near 1e-3 of the output scale, but a random-weight
+  network with BatchNorm amplifies it layer after layer (measured on random weights with BatchNorm
+  statistics from random inputs: 4-7% on the glance stage of ``tiny`` and ``base-p128``, 20% on the base
+  classifier state), and with untouched random statistics the glance features of ``tiny``/``base-p128``
+  are ~1e-7, below fp16's normal range. So the check is "the ONNX graph is no further from fp32 than
+  PyTorch's own fp16 run of the same weights (x2, since onnxruntime rounds at other points than torch),
+  plus 1e-3 of the scale"; an export bug (a wrong op, a lost cast, overflow) is off by O(1) and fails.
+  ``atol`` is fp16's smallest normal number: below it fp16 has no relative precision (subnormals).
+  The end-to-end bound on each step's logits adds up the stages' relative bounds (x2, see
+  :func:`end_to_end_tolerance`): with fp16 it only catches O(1) breakage on ill-conditioned (random)
+  weights, and tightens to ~1e-2 where PyTorch's own fp16 drift is ~1e-3. With fp16 a decision may
+  differ only where the fp32 reference sits within that bound of the decision boundary (a near tie: top-2
+  logit gap, score vs threshold, or focus positions read from temporal weights that matched within
+  tolerance); the rest of that video is then not compared, and the note says so. The report prints the
+  model's own fp16 drift, so a model that fp16 does not suit shows it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from adafocus.export.onnx_export import ExportError
+from adafocus.export.stages import build_stages, example_inputs
+from adafocus.runtime.exits import confidence
+from adafocus.runtime.sampling import crop_boxes, focus_positions, glance_positions
+
+
+class VerificationError(ExportError):
+    """The exported bundle does not match the PyTorch model within tolerance."""
+
+
+@dataclass(frozen=True)
+class Tolerance:
+    """``max_abs <= rtol * ref_max + atol + drift_factor * drift`` (see the module docstring)."""
+
+    rtol: float
+    atol: float
+    drift_factor: float = 0.0
+
+    def bound(self, ref_max: float, drift: float = 0.0) -> float:
+        return self.rtol * ref_max + self.atol + self.drift_factor * drift
+
+
+TOLERANCES = {"fp32": Tolerance(1e-4, 0.0), "fp16": Tolerance(1e-3, 2.0 ** -14, drift_factor=2.0)}
+
+Runner = Callable[[dict[str, np.ndarray]], dict[str, np.ndarray]]
+
+
+@dataclass
+class OutputCheck:
+    stage: str
+    output: str
+    max_abs: float  # ONNX vs fp32 PyTorch
+    max_rel: float  # max_abs / ref_max
+    ref_max: float  # max |fp32 PyTorch output|
+    bound: float  # the largest max_abs allowed
+    drift: float | None  # fp16 only: max abs difference of PyTorch fp16 vs fp32
+    ok: bool
+
+
+@dataclass
+class VideoCheck:
+    video: int
+    exit_ref: int
+    exit_onnx: int
+    pred_ref: int
+    pred_onnx: int
+    positions_same: bool
+    max_box_err: float  # pixels
+    max_logit_rel: float
+    ok: bool
+    note: str = ""
+
+
+@dataclass
+class VerificationReport:
+    precision: str
+    tolerance: Tolerance
+    stages: list[OutputCheck] = field(default_factory=list)
+    videos: list[VideoCheck] = field(default_factory=list)
+    thresholds: list[float | None] = field(default_factory=list)
+    video_tolerance: Tolerance | None = None  # bound on each step's logits in the end-to-end check
+
+    @property
+    def passed(self) -> bool:
+        return all(c.ok for c in self.stages) and all(v.ok for v in self.videos)
+
+    def failures(self) -> list[str]:
+        out = [f"{c.stage}.{c.output} max abs {c.max_abs:.3g} (rel {c.max_rel:.3g})" for c in self.stages
+               if not c.ok]
+        out += [f"video {v.video}: {v.note or 'decisions differ'}" for v in self.videos if not v.ok]
+        return out
+
+    def to_dict(self) -> dict:
+        return {"passed": self.passed, "precision": self.precision, "tolerance": asdict(self.tolerance),
+                "stages": [_rounded(asdict(c)) for c in self.stages],
+                "videos": [_rounded(asdict(v)) for v in self.videos],
+                "thresholds": [None if t is None else float(f"{t:.6g}") for t in self.thresholds],
+                "video_tolerance": asdict(self.video_tolerance) if self.video_tolerance else None}
+
+    def format(self) -> str:
+        t = self.tolerance
+        rule = f"rtol {t.rtol:g}, atol {t.atol:.2g}" + (f", {t.drift_factor:g} x torch fp16 drift"
+                                                         if t.drift_factor else "")
+        drift = self.precision != "fp32"
+        lines = [f"{'stage':<8} {'output':<10} {'max abs':>10} {'max rel':>10} {'bound':>10}"
+                 + (f" {'fp16 drift':>10}" if drift else "") + f"  ({rule})"]
+        for c in self.stages:
+            lines.append(f"{c.stage:<8} {c.output:<10} {c.max_abs:10.3g} {c.max_rel:10.3g} {c.bound:10.3g}"
+                         + (f" {c.drift:10.3g}" if drift and c.drift is not None else "")
+                         + f"  {'ok' if c.ok else 'FAIL'}")
+        if self.videos:
+            vt = self.video_tolerance or t
+            lines.append(f"end to end: {len(self.videos)} random videos, exit thresholds {_fmt_list(self.thresholds)}, "
+                         f"logits within rtol {vt.rtol:.3g}")
+            lines.append(f"{'video':<6} {'exit ref/onnx':>13} {'pred ref/onnx':>13} {'positions':>9} "
+                         f"{'box err px':>10} {'logit rel':>10}")
+            for v in self.videos:
+                lines.append(f"{v.video:<6} {v.exit_ref:>6}/{v.exit_onnx:<6} {v.pred_ref:>6}/{v.pred_onnx:<6} "
+                             f"{'same' if v.positions_same else 'differ':>9} {v.max_box_err:10.3g} "
+                             f"{v.max_logit_rel:10.3g}  {'ok' if v.ok else 'FAIL'}"
+                             + (f"  ({v.note})" if v.note else ""))
+        return "\n".join(lines)
+
+
+def _fmt_list(values) -> str:
+    return "[" + ", ".join("-" if v is None else f"{v:.3g}" for v in values) + "]"
+
+
+def _rounded(d: dict) -> dict:
+    # 4 significant digits are plenty for error magnitudes, and keep the manifest readable
+    return {k: float(f"{v:.4g}") if isinstance(v, float) else v for k, v in d.items()}
+
+
+# ----------------------------------------------------------------------------------------- sessions
+def ort_runners(bundle_dir: str | Path, files: dict[str, str] | None = None) -> dict[str, Runner]:
+    """One onnxruntime CPU session per stage file, as ``feeds -> outputs`` callables."""
+    import onnxruntime as ort
+
+    files = files or {s: f"{s}.onnx" for s in ("global", "policy", "local")}
+    opts = ort.SessionOptions()
+    opts.log_severity_level = 3
+    runners = {}
+    for stage, name in files.items():
+        sess = ort.InferenceSession(str(Path(bundle_dir) / name), opts, providers=["CPUExecutionProvider"])
+        out_names = [o.name for o in sess.get_outputs()]
+
+        def run(feeds, sess=sess, out_names=out_names):
+            return dict(zip(out_names, sess.run(out_names, feeds), strict=True))
+
+        runners[stage] = run
+    return runners
+
+
+# --------------------------------------------------------------------------------------------- stages
+@torch.no_grad()
+def check_stages(model: nn.Module, runners: dict[str, Runner], precision: str = "fp32", batch: int = 3,
+                 seed: int = 1) -> list[OutputCheck]:
+    """Each ONNX stage against the fp32 PyTorch stage on the same inputs (fp16: and PyTorch's fp16 drift)."""
+    tol = TOLERANCES[precision]
+    reference = build_stages(model, "fp32")
+    half = build_stages(model, "fp16") if tol.drift_factor else None
+    inputs = example_inputs(model, batch, seed)
+    checks = []
+    for stage, module in reference.items():
+        ref = module(*inputs[stage])
+        ref16 = half[stage](*inputs[stage]) if half is not None else [None] * len(ref)
+        got = runners[stage]({n: x.numpy() for n, x in zip(module.input_names, inputs[stage], strict=True)})
+        for name, r, r16 in zip(module.output_names, ref, ref16, strict=True):
+            drift = None if r16 is None else _max_abs(r16.numpy(), r.numpy())
+            checks.append(_compare(stage, name, got[name], r.numpy(), tol, drift))
+    return checks
+
+
+def _max_abs(a: np.ndarray, b: np.ndarray) -> float:
+    return float(np.abs(a.astype(np.float64) - b.astype(np.float64)).max()) if a.size else 0.0
+
+
+def _compare(stage: str, output: str, got: np.ndarray, ref: np.ndarray, tol: Tolerance,
+             drift: float | None) -> OutputCheck:
+    ref_max = float(np.abs(ref).max()) if ref.size else 0.0
+    bound = tol.bound(ref_max, drift or 0.0)
+    if got.shape != ref.shape:
+        return OutputCheck(stage, output, float("inf"), float("inf"), ref_max, bound, drift, False)
+    max_abs = _max_abs(got, ref)
+    max_rel = max_abs / ref_max if ref_max > 0 else (0.0 if max_abs == 0 else float("inf"))
+    ok = bool(np.isfinite(got).all()) and max_abs <= bound
+    return OutputCheck(stage, output, max_abs, max_rel, ref_max, bound, drift, ok)
+
+
+def end_to_end_tolerance(precision: str, stages: list[OutputCheck]) -> Tolerance:
+    """Bound on each step's logits in the end-to-end check.
+
+    A step's logits carry the error of all three stages (the glance's context, the policy's boxes, which
+    move the crop, and the local step), each stage fed the other side's slightly different outputs, so
+    the stages' relative bounds add up: ``2 * sum over stages of max over outputs of (bound - atol) /
+    max|ref|``, the x2 because the stage bounds were measured on other inputs. fp32: 6e-4. Outputs below
+    1e-2 in magnitude are left out: that close to fp16's subnormal range relative errors mean nothing.
+    """
+    tol = TOLERANCES[precision]
+    total = 0.0
+    for stage in dict.fromkeys(c.stage for c in stages):
+        rel = [(c.bound - tol.atol) / c.ref_max for c in stages if c.stage == stage and c.ref_max >= 1e-2]
+        total += max(rel, default=tol.rtol)
+    return Tolerance(2.0 * total, tol.atol)
+
+
+# ------------------------------------------------------------------------------------ host-side loop
+@dataclass
+class Trace:
+    """One video's step-wise run: executed steps and the policy's choice for all K focus frames."""
+
+    logits: list[np.ndarray]  # per executed step
+    scores: list[float]
+    positions: np.ndarray | None = None  # [K] (None if it exited at step 0)
+    boxes: np.ndarray | None = None  # [K, 4] (y0, x0, h, w) pixels
+    weights: np.ndarray | None = None  # [Tg] temporal weights
+
+    @property
+    def exit_step(self) -> int:
+        return len(self.logits) - 1
+
+
+def _reaches(score: float, thresholds, k: int) -> bool:
+    return thresholds is not None and k < len(thresholds) and thresholds[k] is not None \
+        and score >= float(thresholds[k])
+
+
+def run_onnx(runners: dict[str, Runner], cfg, video: dict[str, np.ndarray], thresholds=None,
+             criterion: str = "max_logit") -> Trace:
+    """Step-wise inference of one video through the ONNX stages, with the runtime's host-side logic.
+
+    ``video``: base ``{"frames": [N, 3, S, S]}``; tsm ``{"glance": [Tg, 3, S, S], "candidates": [3K, ...]}``.
+    """
+    from adafocus.runtime.crop import crop_cpu
+
+    base = cfg.family == "base"
+    frames = video["frames"] if base else video["candidates"]
+    glance = frames[glance_positions(cfg.num_segments, cfg.num_glance)] if base else video["glance"]
+    g = runners["global"]({"frames": np.ascontiguousarray(glance[None], dtype=np.float32)})
+    trace = Trace([g["logits"][0]], [float(confidence(g["logits"][0], criterion))])
+    if _reaches(trace.scores[0], thresholds, 0):
+        return trace
+    p = runners["policy"]({"fmap": g["fmap"], "vec": g["vec"]})
+    pos = focus_positions(p["weights"], cfg.candidates, cfg.num_focus, clamp=base)[0]
+    actions = p["actions"][0, pos] if base else np.repeat(p["actions"][0, :1], cfg.num_focus, axis=0)
+    boxes = crop_boxes(actions, cfg.frame_size, cfg.crop_min, cfg.crop_max)
+    trace.positions, trace.boxes, trace.weights = pos, boxes, p["weights"][0]
+    if base:
+        state = np.zeros((1, cfg.mlp_dim), np.float32)
+        for k in range(cfg.num_focus):
+            patch = crop_cpu(frames, boxes[k:k + 1], cfg.patch_size, indices=pos[k:k + 1])
+            out = runners["local"]({"patch": patch, "state": state, "context": g["context"],
+                                    "step": np.array([k], np.int64)})
+            state = out["new_state"]
+            trace.logits.append(out["logits"][0])
+            trace.scores.append(float(confidence(out["logits"][0], criterion)))
+            if _reaches(trace.scores[-1], thresholds, k + 1):
+                break
+    else:
+        patches = crop_cpu(frames, boxes, cfg.patch_size, indices=pos)
+        out = runners["local"]({"patches": patches[None], "context": g["context"]})
+        trace.logits.append(out["logits"][0])
+        trace.scores.append(float(confidence(out["logits"][0], criterion)))
+    return trace
+
+
+@torch.no_grad()
+def run_torch(model: nn.Module, video: dict[str, np.ndarray], thresholds=None,
+              criterion: str = "max_logit") -> Trace:
+    """The reference model's own ``stepwise`` on one video, as a :class:`Trace`."""
+    cfg = model.cfg
+    if cfg.family == "base":
+        steps = list(model.stepwise(torch.from_numpy(video["frames"]), thresholds, criterion))
+    else:
+        steps = list(model.stepwise(torch.from_numpy(video["glance"]), torch.from_numpy(video["candidates"]),
+                                    thresholds, criterion))
+    trace = Trace([s.logits for s in steps], [s.score for s in steps])
+    if len(steps) > 1:
+        if cfg.family == "base":
+            trace.positions = np.array([s.position for s in steps[1:]])
+            actions = np.stack([s.action for s in steps[1:]])
+        else:
+            trace.positions = np.asarray(steps[1].positions)
+            actions = np.repeat(np.asarray(steps[1].action)[None], cfg.num_focus, axis=0)
+        trace.boxes = crop_boxes(actions, cfg.frame_size, cfg.crop_min, cfg.crop_max)
+    return trace
+
+
+def random_videos(cfg, count: int, seed: int = 0) -> list[dict[str, np.ndarray]]:
+    """Random normalised frames in the layout of :func:`run_onnx`: smooth random images (a coarse random
+    grid upsampled bilinearly), not white noise.
+
+    Why smooth: the two sides' boxes differ by float rounding (~1e-4 px), and a bilinear crop turns a box
+    shift into a pixel change proportional to the image gradient. White noise has the steepest gradient
+    an image can have and inflates that into ~3e-4 relative logit differences that no real frame shows.
+    """
+    g = torch.Generator().manual_seed(seed)
+    s = cfg.frame_size
+    coarse = max(4, s // 16)
+
+    def frames(n):
+        grid = torch.randn(n, 3, coarse, coarse, generator=g)
+        return F.interpolate(grid, size=(s, s), mode="bilinear", align_corners=False).numpy()
+
+    if cfg.family == "base":
+        return [{"frames": frames(cfg.num_segments)} for _ in range(count)]
+    return [{"glance": frames(cfg.num_glance), "candidates": frames(cfg.candidates)} for _ in range(count)]
+
+
+def spread_thresholds(scores: list[list[float]], tol: Tolerance) -> list[float | None]:
+    """Exit thresholds that make the reference videos exit at different steps, far from every score.
+
+    Per step, the threshold goes in the middle of the widest gap between consecutive reference scores in
+    the upper half (so at most half the videos exit there); a gap narrower than twice the tolerance
+    would make the decision a coin toss between the two sides, so such a step gets no threshold (None).
+    """
+    out: list[float | None] = []
+    for k in range(max(len(s) for s in scores)):
+        col = sorted(s[k] for s in scores if len(s) > k)
+        best, best_gap = None, 0.0
+        for j in range(len(col) // 2, len(col)):
+            lo = col[j - 1] if j > 0 else None
+            if lo is None:
+                continue
+            gap = col[j] - lo
+            if gap > best_gap and gap > 2 * tol.bound(max(abs(lo), abs(col[j]))):
+                best, best_gap = (lo + col[j]) / 2, gap
+        out.append(best)
+    return out
+
+
+# -------------------------------------------------------------------------------------- end to end
+def check_videos(model: nn.Module, runners: dict[str, Runner], precision: str = "fp32", count: int = 4,
+                 seed: int = 0, criterion: str = "max_logit", tol: Tolerance | None = None
+                 ) -> tuple[list[VideoCheck], list[float | None]]:
+    """Whole videos both ways with mid-way exits; returns the per-video checks and the thresholds used.
+
+    ``tol`` bounds each step's logits (default: the precision's stage tolerance without drift)."""
+    tol = tol or TOLERANCES[precision]
+    cfg = model.cfg
+    videos = random_videos(cfg, max(count, 2), seed)
+    full = [run_torch(model, v, None, criterion) for v in videos]
+    thresholds = spread_thresholds([t.scores for t in full], tol)
+    checks = []
+    for i, video in enumerate(videos):
+        ref = run_torch(model, video, thresholds, criterion)
+        got = run_onnx(runners, cfg, video, thresholds, criterion)
+        checks.append(_compare_video(i, full[i], ref, got, thresholds, precision, tol, cfg.frame_size))
+    return checks, thresholds
+
+
+def _compare_video(i: int, full: Trace, ref: Trace, got: Trace, thresholds: list[float | None], precision: str,
+                   tol: Tolerance, frame_size: int) -> VideoCheck:
+    """``full``: reference without exits (all K positions and boxes); ``ref``/``got``: both with exits."""
+    exact = precision == "fp32"
+    notes: list[str] = []
+    failed = False
+
+    def fail(note: str) -> None:
+        nonlocal failed
+        failed = True
+        notes.append(note)
+
+    positions_same, box_err = True, 0.0
+    if full.positions is not None and got.positions is not None:  # got has none if it exited at step 0
+        positions_same = bool(np.array_equal(full.positions, got.positions))
+        if positions_same:
+            box_err = float(np.abs(full.boxes - got.boxes).max())
+            if box_err > tol.rtol * frame_size:  # boxes are in frame pixels
+                fail(f"boxes off by {box_err:.3g} px")
+        elif exact:
+            fail("focus positions differ")
+        else:
+            notes.append("focus positions differ at a near tie of the temporal weights; later steps not compared")
+    logit_rel = 0.0
+    for k in range(min(len(ref.logits), len(got.logits))):
+        if k > 0 and not positions_same:
+            break  # other focus frames from here on
+        r, g = ref.logits[k], got.logits[k]
+        r_max = float(np.abs(r).max())
+        bound = tol.bound(r_max)
+        err = float(np.abs(r - g).max())
+        logit_rel = max(logit_rel, err / r_max if r_max > 0 else err)
+        if err > bound:
+            fail(f"step {k} logits off by {err:.3g} (bound {bound:.3g})")
+            break
+        if int(r.argmax()) != int(g.argmax()):
+            top2 = np.sort(r)[-2:]
+            if exact or top2[1] - top2[0] > 2 * bound:
+                fail(f"step {k} prediction differs")
+                break
+            notes.append(f"step {k} prediction differs at a near tie")
+    if ref.exit_step != got.exit_step and positions_same and not failed:
+        k = min(ref.exit_step, got.exit_step)  # the step where one exits and the other goes on
+        margin = abs(ref.scores[k] - thresholds[k]) if thresholds[k] is not None else float("inf")
+        if exact or margin > tol.bound(float(np.abs(ref.logits[k]).max())):
+            fail(f"exits at step {got.exit_step} instead of {ref.exit_step}")
+        else:
+            notes.append(f"exit differs at a near tie of step {k}'s score and its threshold")
+    return VideoCheck(i, ref.exit_step, got.exit_step, int(ref.logits[-1].argmax()), int(got.logits[-1].argmax()),
+                      positions_same, box_err, logit_rel, not failed, "; ".join(notes))
+
+
+def verify_bundle(model: nn.Module, bundle_dir: str | Path, precision: str = "fp32", videos: int = 4,
+                  seed: int = 0, files: dict[str, str] | None = None) -> VerificationReport:
+    """Stage checks + end-to-end decision checks of the ONNX files in ``bundle_dir`` against ``model``."""
+    if precision not in TOLERANCES:
+        raise ValueError(f"precision must be one of {', '.join(TOLERANCES)}, not {precision!r}")
+    runners = ort_runners(bundle_dir, files)
+    report = VerificationReport(precision, TOLERANCES[precision])
+    report.stages = check_stages(model, runners, precision, seed=seed + 1)
+    if videos > 0:
+        report.video_tolerance = end_to_end_tolerance(precision, report.stages)
+        report.videos, report.thresholds = check_videos(model, runners, precision, videos, seed,
+                                                        tol=report.video_tolerance)
+    return report
+
+
+__all__ = [
+    "TOLERANCES", "OutputCheck", "Tolerance", "Trace", "VerificationError", "VerificationReport", "VideoCheck",
+    "check_stages", "check_videos", "end_to_end_tolerance", "ort_runners", "random_videos", "run_onnx", "run_torch",
+    "spread_thresholds", "verify_bundle",
+]
