@@ -126,6 +126,7 @@ class Costs:
     exits: list[float]
     patches_per_step: int
     parts: dict[str, float] = field(default_factory=dict)
+    dense: float | None = None  # the dense baseline per video, once dense.onnx was added
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -199,8 +200,10 @@ class EngineRecord:
 class Manifest:
     """Everything the runtime needs to know about a bundle; serialised as ``manifest.json``.
 
-    ``config`` is ``ModelConfig.to_dict()`` (labels included); ``verification`` is what the exporter
-    measured (per-stage errors, end-to-end decisions); ``training`` is copied from the checkpoint.
+    ``config`` is ``ModelConfig.to_dict()`` (labels included); ``precisions`` lists stage files of other
+    precisions added later (``"int8"`` -> stage -> file; ``precision`` is the one of ``stages``);
+    ``verification`` is what the exporter measured (per-stage errors, end-to-end decisions); ``training``
+    is copied from the checkpoint.
     """
 
     producer: dict[str, str]
@@ -217,6 +220,7 @@ class Manifest:
     precision: str
     files: dict[str, FileEntry] = field(default_factory=dict)
     engines: dict[str, EngineRecord] = field(default_factory=dict)
+    precisions: dict[str, dict[str, str]] = field(default_factory=dict)  # e.g. "int8" -> stage -> file
     verification: dict[str, Any] = field(default_factory=dict)
     training: dict[str, Any] | None = None
     format: str = FORMAT
@@ -240,6 +244,7 @@ class Manifest:
             "precision": self.precision,
             "files": {k: v.to_dict() for k, v in sorted(self.files.items())},
             "engines": {k: v.to_dict() for k, v in self.engines.items()},
+            "precisions": {k: dict(v) for k, v in self.precisions.items()},
             "verification": self.verification,
             "training": self.training,
         }
@@ -275,6 +280,8 @@ class Manifest:
                 precision=str(d["precision"]),
                 files={k: FileEntry.from_dict(v) for k, v in d.get("files", {}).items()},
                 engines={k: EngineRecord.from_dict(v) for k, v in d.get("engines", {}).items()},
+                precisions={str(k): {str(s): str(f) for s, f in v.items()}
+                            for k, v in d.get("precisions", {}).items()},
                 verification=dict(d.get("verification") or {}),
                 training=d.get("training"),
                 format_version=version,
@@ -289,8 +296,10 @@ class Manifest:
         return m
 
     def referenced_files(self) -> list[str]:
-        """Every file the manifest points at: stage files, engine files and the ``files`` table."""
+        """Every file the manifest points at: stage files, other precisions' stage files, engine files and
+        the ``files`` table."""
         names = [s.file for s in self.stages.values()]
+        names += [f for files in self.precisions.values() for f in files.values()]
         names += [f for rec in self.engines.values() for f in rec.files.values()]
         names += list(self.files)
         return sorted(set(names))
@@ -352,6 +361,8 @@ class Bundle:
         lines.append(f"costs      GFLOPs per video at exit 0..{len(m.costs.exits) - 1}: {exits}")
         tables = ", ".join(m.exit.thresholds) or "none (not calibrated: every video runs every step)"
         lines.append(f"exits      criterion {m.exit.criterion}; threshold tables: {tables}")
+        for name, files in m.precisions.items():
+            lines.append(f"precision  {name}: " + ", ".join(f"{st} {f}" for st, f in files.items()))
         if m.engines:
             for key, rec in m.engines.items():
                 lines.append(f"engines    {key}: TensorRT {rec.tensorrt_version}, sm {rec.compute_capability} "

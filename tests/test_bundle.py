@@ -144,13 +144,16 @@ def test_update_manifest_adds_files_and_rehashes(bundle_dir):
 
     def add(m: Manifest) -> None:
         m.exit.thresholds["budget-1.0"] = [None, 3.5, 3.0, 2.5, 2.0]
-        m.files["local.int8.onnx"] = None  # any value: update_manifest computes the entry
+        m.precisions["int8"] = {"global": "global.onnx", "policy": "policy.onnx", "local": "local.int8.onnx"}
         m.stages["dense"] = StageInfo("dense.onnx", [], [], 4.0)
+        m.costs.dense = 4.0
 
     m = update_manifest(bundle_dir, add)
     assert m.files["local.int8.onnx"].size == len(b"int8 graph")
     b = load_bundle(bundle_dir)  # verifies the new files too
     assert b.has_stage("dense") and b.manifest.exit.thresholds["budget-1.0"][1] == 3.5
+    assert b.manifest.precisions["int8"]["local"] == "local.int8.onnx" and b.manifest.costs.dense == 4.0
+    assert "int8: global global.onnx" in b.describe()
     assert sorted(p.name for p in bundle_dir.iterdir()) == sorted(
         ["global.onnx", "policy.onnx", "local.onnx", "local.int8.onnx", "dense.onnx", MANIFEST_NAME])
     # a file changed behind the manifest's back is not blessed by the next update
