@@ -67,10 +67,12 @@ def test_add_dense_records_the_dense_stage(bundle):
     assert [t.shape for t in dense.outputs] == [["batch", 10]]
     # the same count as the FLOPs report's dense baseline (which leaves out the tiny linear head)
     assert dense.gflops == pytest.approx(count_flops("tiny").dense, rel=1e-3)
+    assert m.costs.dense == dense.gflops  # what '30%' budgets are a share of, in the runtime too
     assert m.verification["dense"]["random_init"] is True and m.verification["dense"]["max_rel"] < 1e-4
     assert budget_gflops(m, "50%") == pytest.approx(0.5 * dense.gflops)
     with Pipeline.from_bundle(bundle) as pipe:  # the optional stage does not disturb the runtime
         assert set(pipe.engines) == {"global", "policy", "local"}
+        assert pipe.budget("50%").gflops == pytest.approx(0.5 * dense.gflops)
 
 
 def test_add_dense_from_checkpoint_and_refusals(bundle, tmp_path):
@@ -276,3 +278,28 @@ def test_gpu_bench_and_batched(request):
     rows = {r["model"]: r for r in report["results"]}
     assert rows["adafocus"]["status"] == "ok" and rows["dense"]["status"] == "ok"
     assert report["environment"]["gpu"] != "unknown"
+
+
+def test_every_precision_of_the_bundle_gets_rows(bundle, clips, tmp_path):
+    """A bundle with int8 stage files (here: copies of the fp32 ones) is measured at both precisions, or the
+    int8 rows say why not; the dense baseline stays the fp32 file and is labelled so."""
+    import inspect
+
+    from adafocus.bundle import update_manifest
+
+    copy = tmp_path / "bundle"
+    shutil.copytree(bundle, copy)
+    for stage in ("global", "local"):
+        shutil.copy(copy / f"{stage}.onnx", copy / f"{stage}.int8.onnx")
+    update_manifest(copy, lambda m: m.precisions.update(int8={"global": "global.int8.onnx",
+                                                              "local": "local.int8.onnx"}))
+    report = run_benchmark(BenchConfig(copy, clips[:1], engines=["ort"], budgets=["full"], warmup_s=0, repeats=1,
+                                       threads=1), log=None)
+    rows = [(r["precision"], r["model"], r["status"]) for r in report["results"]]
+    assert ("fp32", "adafocus", "ok") in rows and ("fp32", "dense", "ok") in rows
+    if "precision" in inspect.signature(Pipeline.from_bundle).parameters:
+        assert ("int8", "adafocus", "ok") in rows
+        dense8 = next(r for r in report["results"] if r["precision"] == "int8" and r["model"] == "dense")
+        assert dense8["dense_precision"] == "fp32"
+    else:
+        assert ("int8", "adafocus", "skipped") in rows
