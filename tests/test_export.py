@@ -277,6 +277,48 @@ def test_build_engines_names_the_gpu_extra(tiny_export, capsys):
     _assert_one_line_error(code, err, "tensorrt", "adafocus[gpu]")
 
 
+def test_build_engines_bookkeeping_with_a_stand_in_builder(tiny_export, tmp_path, monkeypatch):
+    """TensorRT cannot be installed here, so the builder is replaced by one that writes a few bytes: this
+    checks what build_engines does around it (names, manifest record, checksums, cleanup on failure)."""
+    import types
+
+    from adafocus.export import tensorrt as trt_builder
+    from adafocus.export.tensorrt import TrtBuildInfo
+
+    monkeypatch.setitem(sys.modules, "tensorrt", types.SimpleNamespace(__version__="10.3.0"))
+    calls = []
+
+    def fake_build(onnx_path, engine_path, **kwargs):
+        calls.append((Path(onnx_path).name, kwargs))
+        if Path(onnx_path).name == "local.onnx" and len(calls) == 3 and kwargs.get("workspace_mb") == 1:
+            raise BundleError("builder failed")  # stands in for an out-of-memory build
+        Path(engine_path).write_bytes(b"engine of " + Path(onnx_path).name.encode())
+        return TrtBuildInfo(str(engine_path), str(onnx_path), "10.3.0", "8.7", "Orin", kwargs["fp16"], False,
+                            False, kwargs.get("workspace_mb", 1024))
+
+    monkeypatch.setattr(trt_builder, "build_engine", fake_build)
+    from adafocus.export import build_engines
+
+    bundle = tmp_path / "b"
+    shutil.copytree(tiny_export[0].path, bundle)
+    before = (bundle / "manifest.json").read_bytes()
+    with pytest.raises(BundleError, match="builder failed"):
+        build_engines(bundle, workspace_mb=1, log=None)
+    assert (bundle / "manifest.json").read_bytes() == before
+    assert sorted(p.name for p in bundle.iterdir()) == ["global.onnx", "local.onnx", "manifest.json", "policy.onnx"]
+
+    m = build_engines(bundle, batch=(1, 2, 4), log=None)
+    key = "trt10.3.0.sm87.fp32"
+    rec = m.engines[key]
+    assert rec.files == {s: f"{s}.{key}.engine" for s in ("global", "policy", "local")}
+    assert (rec.tensorrt_version, rec.compute_capability, rec.batch) == ("10.3.0", "8.7", {"min": 1, "opt": 2,
+                                                                                           "max": 4})
+    assert rec.extra["local"]["engine_path"] == f"local.{key}.engine"  # relative, not the temp path
+    assert calls[-1][1]["profiles"] == (1, 2, 4) and calls[-1][1]["fp16"] is False
+    loaded = load_bundle(bundle)  # engine files are covered by the checksums
+    assert set(loaded.manifest.files) >= set(rec.files.values())
+
+
 @pytest.mark.tensorrt
 @pytest.mark.gpu
 def test_build_engines_records_tensorrt_engines(tiny_ckpt, tmp_path):

@@ -14,7 +14,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import adafocus
 from adafocus.bundle import (
@@ -131,7 +131,7 @@ def export_bundle(
         if verify:
             t = time.perf_counter()
             report = verify_bundle(net, tmp, precision, videos=videos, seed=seed)
-            manifest.verification = {**report.to_dict(), "simplified": manifest.verification.get("simplified")}
+            manifest.verification.update(report.to_dict())
             status = "passed" if report.passed else "FAILED"
             worst = max((c.max_rel for c in report.stages), default=0.0)
             say(_line("verify", t, note=f"{status}: max rel err {worst:.2g}, {len(report.videos)} videos, "
@@ -141,7 +141,7 @@ def export_bundle(
             if not report.passed:
                 raise VerificationError(f"verification failed ({precision}): " + "; ".join(report.failures()))
         else:
-            manifest.verification = {"skipped": True, "simplified": manifest.verification.get("simplified")}
+            manifest.verification["skipped"] = True
         manifest.files = checksum_files(tmp, manifest.referenced_files())
         t = time.perf_counter()
         write_manifest(tmp, manifest)
@@ -225,29 +225,40 @@ def build_engines(bundle_dir: str | Path, *, fp16: bool | None = None, workspace
     m = bundle.manifest
     if fp16 is None:
         fp16 = m.precision == "fp16" and int(str(trt.__version__).split(".")[0]) < 11
-    infos = {}
-    for stage in STAGES:
-        t = time.perf_counter()
-        tmp_engine = bundle.path / f".{stage}.engine.tmp"
-        kwargs = {"fp16": fp16, "timing_cache": timing_cache, "profiles": tuple(batch), "device": device}
-        if workspace_mb is not None:
-            kwargs["workspace_mb"] = workspace_mb
-        info = build_engine(bundle.stage_path(stage), tmp_engine, **kwargs)
-        precision = "fp16" if fp16 or m.precision == "fp16" else "fp32"
-        key = f"trt{info.trt_version}.sm{info.compute_capability.replace('.', '')}.{precision}"
-        name = f"{stage}.{key}.engine"
-        os.replace(tmp_engine, bundle.path / name)
-        infos[stage] = (key, name, info)
-        say(_line(f"tensorrt {stage}", t, shown / name, bundle.path / name))
+    kwargs = {"fp16": fp16, "timing_cache": timing_cache, "profiles": tuple(batch), "device": device}
+    if workspace_mb is not None:
+        kwargs["workspace_mb"] = workspace_mb
+    precision = "fp16" if fp16 or m.precision == "fp16" else "fp32"
+    infos: dict[str, tuple[str, str, Any]] = {}
+    try:
+        for stage in STAGES:
+            t = time.perf_counter()
+            tmp_engine = bundle.path / f".{stage}.engine.tmp"
+            info = build_engine(bundle.stage_path(stage), tmp_engine, **kwargs)
+            key = f"trt{info.trt_version}.sm{info.compute_capability.replace('.', '')}.{precision}"
+            name = f"{stage}.{key}.engine"
+            os.replace(tmp_engine, bundle.path / name)
+            infos[stage] = (key, name, info)
+            say(_line(f"tensorrt {stage}", t, shown / name, bundle.path / name))
+    except BaseException:
+        # no half-built set of engines left behind (build_engine itself never leaves a partial file)
+        for _, name, _ in infos.values():
+            (bundle.path / name).unlink(missing_ok=True)
+        raise
     key, _, first = infos[STAGES[0]]
+
+    def build_details(stage: str) -> dict:
+        _, name, info = infos[stage]
+        # relative names: the bundle may have been built in a temporary directory and moved since
+        return {**info.to_dict(), "engine_path": name, "onnx_path": m.stages[stage].file}
 
     def record(manifest: Manifest) -> None:
         manifest.engines[key] = EngineRecord(
             tensorrt_version=first.trt_version, compute_capability=first.compute_capability,
-            device=first.device_name, precision=key.rsplit(".", 1)[1],
+            device=first.device_name, precision=precision,
             files={stage: name for stage, (_, name, _) in infos.items()},
             batch={"min": batch[0], "opt": batch[1], "max": batch[2]}, created=now_iso(),
-            extra={stage: info.to_dict() for stage, (_, _, info) in infos.items()},
+            extra={stage: build_details(stage) for stage in infos},
         )
 
     return update_manifest(bundle.path, record)
