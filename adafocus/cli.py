@@ -154,6 +154,111 @@ def build_engines_cmd(
                   device=device, log=typer.echo)
 
 
+# ------------------------------------------------------------------------------------------ calibrate
+def _progress_callback(label: str, show: bool):
+    """A rich progress bar on stderr driven by ``progress(done, total)`` callbacks (a no-op when hidden)."""
+    from contextlib import contextmanager
+
+    from rich.console import Console
+    from rich.progress import Progress
+
+    @contextmanager
+    def bar():
+        with Progress(transient=True, disable=not (show and sys.stderr.isatty()),
+                      console=Console(stderr=True)) as progress:
+            task = progress.add_task(label, total=None)
+
+            def update(done: int, total: int) -> None:
+                progress.update(task, completed=done, total=total)
+
+            yield update
+
+    return bar()
+
+
+@calibrate_app.command("thresholds")
+def calibrate_thresholds_cmd(
+    bundle: Path = typer.Argument(..., help="Bundle directory (its manifest gets the threshold table)."),
+    data: Path = typer.Option(..., "--data", help="Labelled data: <split>.csv files (video,label), e.g. from "
+                              "`adafocus demo-data`."),
+    budgets: str = typer.Option(None, "--budgets", help="Average GFLOPs per video, comma separated (e.g. "
+                                "0.05,0.06,0.08) [default: 6 between the exit-0 and the full cost]."),
+    calib_split: str = typer.Option("val", "--calib-split", help="Split the thresholds are solved on."),
+    heldout_split: str = typer.Option("test", "--heldout-split", help="Split they are evaluated on ('none': "
+                                      "skip)."),
+    criterion: str = typer.Option(None, "--criterion", help="max_logit or neg_entropy [default: the bundle's]."),
+    max_gflops: float = typer.Option(None, "--max-gflops", help="Per-video cap the thresholds are solved under "
+                                     "[default: the full model]."),
+    max_videos: int = typer.Option(None, "--max-videos", help="Use at most this many videos per split."),
+    merge: bool = typer.Option(False, "--merge", help="Keep the table's other budgets (default: replace it)."),
+    dry_run: bool = typer.Option(False, "--dry-run", help="Report only; leave the bundle unchanged."),
+    plot: Path = typer.Option(None, "--plot", help="Write accuracy vs GFLOPs as an image (adafocus[plot])."),
+    cache_dir: Path = typer.Option(None, "--cache-dir", help="Keep per-video exit scores here for reruns."),
+    engine: str = typer.Option("auto", "--engine", "-e", help="auto, ort, ort-cuda, ort-tensorrt, tensorrt."),
+    device: str = typer.Option("cpu", "--device", "-d", help="cpu or cuda[:N]."),
+    threads: int = typer.Option(None, "--threads", help="CPU threads per engine (default: onnxruntime's)."),
+    precision: str = typer.Option(None, "--precision", help="Score with these stage files (e.g. int8) "
+                                  "[default: the bundle's own]."),
+    as_json: bool = typer.Option(False, "--json", help="Print the table as JSON."),
+):
+    """Solve exit thresholds for average-GFLOPs budgets on labelled videos and store them in the bundle."""
+    from adafocus.calibration.thresholds import calibrate_thresholds
+
+    held = None if heldout_split.lower() in ("", "none") else heldout_split
+    with _progress_callback("videos", not as_json) as progress:
+        result = calibrate_thresholds(bundle, data, budgets, calib_split=calib_split, heldout_split=held,
+                                      criterion=criterion, max_gflops=max_gflops, max_videos=max_videos,
+                                      engine=engine, device=device, threads=threads, precision=precision,
+                                      merge=merge,
+                                      write=not dry_run, plot=plot, cache_dir=cache_dir,
+                                      log=None if as_json else (lambda s: typer.echo(s, err=True)),
+                                      progress=progress)
+    if as_json:
+        _echo_json(result.to_dict())
+        return 0
+    typer.echo(result.format())
+    if result.plot:
+        typer.echo(f"plot       {result.plot}")
+    typer.echo(f"manifest   {len(result.solutions)} threshold tables written to {bundle}" if result.written
+               else "manifest   unchanged (--dry-run)")
+    return 0
+
+
+@calibrate_app.command("int8")
+def calibrate_int8_cmd(
+    bundle: Path = typer.Argument(..., help="fp32 bundle directory (gets global.int8.onnx, local.int8.onnx)."),
+    data: Path = typer.Option(..., "--data", help="Labelled data: <split>.csv files (video,label)."),
+    max_drop: float = typer.Option(1.0, "--max-drop", help="Top-1 percentage points INT8 may lose at any "
+                                   "operating point; more fails the command and leaves the bundle as it was."),
+    calib_videos: int = typer.Option(32, "--calib-videos", help="Videos whose glance frames and patches "
+                                     "calibrate the activation ranges."),
+    calib_split: str = typer.Option("train", "--calib-split", help="Split the calibration videos come from."),
+    heldout_split: str = typer.Option("test", "--heldout-split", help="Split of the accuracy gate."),
+    max_heldout: int = typer.Option(None, "--max-heldout", help="At most this many held-out videos."),
+    method: str = typer.Option("minmax", "--method", help="Activation ranges: minmax, entropy or percentile."),
+    threads: int = typer.Option(None, "--threads", help="CPU threads per engine (default: onnxruntime's)."),
+    as_json: bool = typer.Option(False, "--json", help="Print the gate report as JSON."),
+):
+    """Quantize the encoders to INT8 Q/DQ (onnxruntime, per-channel, signed symmetric) and gate them vs fp32."""
+    from adafocus.calibration.int8 import Int8Options, calibrate_int8
+
+    opts = Int8Options(calib_videos=calib_videos, calib_split=calib_split, heldout_split=heldout_split,
+                       max_heldout=max_heldout, method=method, max_drop=max_drop, threads=threads)
+    with _progress_callback("videos", not as_json) as progress:
+        result = calibrate_int8(bundle, data, opts, log=None if as_json else (lambda s: typer.echo(s, err=True)),
+                                progress=progress)
+    if as_json:
+        _echo_json({**result.report.to_dict(), "written": result.written, "files": result.files,
+                    "quantized_nodes": result.quantized_nodes})
+    else:
+        typer.echo(result.report.format())
+    if not result.written:
+        typer.echo(f"error: INT8 accuracy gate failed: top-1 drop {result.report.worst_drop:.2f} points > "
+                   f"--max-drop {max_drop:g}; {bundle} unchanged", err=True)
+        return 1
+    return 0
+
+
 # ---------------------------------------------------------------------------------------------- bench
 @app.command("add-dense")
 def add_dense_cmd(

@@ -4,6 +4,13 @@ A budget is the GFLOPs (multiply-adds) one video may spend. The glance is always
 with the first focus step; each focus step is taken only if the cumulative cost after it still fits, so the
 cost a video reports never exceeds its budget. Within that cap, the video exits at the first step whose
 confidence reaches the threshold calibrated for the budget (none calibrated: no early exit).
+
+Calibrated budgets (``adafocus calibrate thresholds``) are *averages* over a data set, as in Uni-AdaFocus:
+some videos spend more than the average, others less. A table entry solved for ``B`` records the per-video
+cap it assumed (``max_gflops``, the full model by default); when the runtime uses an entry calibrated for
+a budget not above the one asked, that cap replaces the budget as the per-video cap, so that the average
+stays at or below the budget asked (on data like the calibration set). Below every calibrated budget the
+budget stays a hard per-video cap.
 """
 
 from __future__ import annotations
@@ -15,8 +22,8 @@ from adafocus.errors import BudgetError
 
 @dataclass(frozen=True)
 class Budget:
-    gflops: float  # per-video cap
-    max_steps: int  # focus steps that fit under the cap
+    gflops: float  # the budget asked: per-video cap, or the average when calibrated thresholds are used
+    max_steps: int  # focus steps that fit under the per-video cap
     thresholds: tuple[float | None, ...] | None  # per-exit thresholds, None: no early exit
     calibrated_for: float | None = None  # the calibrated budget whose thresholds are used
 
@@ -53,21 +60,34 @@ def max_steps_within(budget: float, exits: list[float]) -> int:
     return steps
 
 
-def thresholds_for(budget: float, table: list[dict]) -> tuple[tuple | None, float | None]:
-    """Thresholds calibrated for the largest budget not above ``budget`` (the smallest one if all are above;
-    the hard cap still holds). ``table`` entries: ``{'budget_gflops': float, 'thresholds': [...]}``."""
+def calibrated_entry(budget: float, table: list[dict]) -> dict | None:
+    """The table entry calibrated for the largest budget not above ``budget`` (the smallest one if all are
+    above; None for an empty table)."""
     if not table:
-        return None, None
+        return None
     entries = sorted(table, key=lambda e: e["budget_gflops"])
     chosen = entries[0]
     for e in entries:
         if e["budget_gflops"] <= budget * (1 + 1e-9):
             chosen = e
+    return chosen
+
+
+def thresholds_for(budget: float, table: list[dict]) -> tuple[tuple | None, float | None]:
+    """Thresholds calibrated for the largest budget not above ``budget`` (the smallest one if all are above;
+    the hard cap still holds). ``table`` entries: ``{'budget_gflops': float, 'thresholds': [...]}``."""
+    chosen = calibrated_entry(budget, table)
+    if chosen is None:
+        return None, None
     return tuple(chosen["thresholds"]), float(chosen["budget_gflops"])
 
 
 def make_budget(text: str | float | None, exits: list[float], table: list[dict] | None = None,
                 dense: float | None = None) -> Budget:
     gflops = parse_budget(text, exits, dense)
+    entry = calibrated_entry(gflops, table or [])
+    cap = gflops
+    if entry is not None and entry["budget_gflops"] <= gflops * (1 + 1e-9):
+        cap = max(gflops, float(entry.get("max_gflops", gflops)))  # an average budget: see the module docstring
     thresholds, calibrated = thresholds_for(gflops, table or [])
-    return Budget(gflops, max_steps_within(gflops, exits), thresholds, calibrated)
+    return Budget(gflops, max_steps_within(cap, exits), thresholds, calibrated)

@@ -91,6 +91,7 @@ class Pipeline:
         self.engine_name = engine_name
         self.device = device
         self.criterion = criterion or bundle.manifest.exit.criterion
+        self.precision = bundle.manifest.precision  # which stage files run (from_bundle's precision)
         self.labels = bundle.manifest.labels
         self.family = bundle.manifest.family
         self.exits = list(bundle.manifest.costs.exits)
@@ -117,17 +118,20 @@ class Pipeline:
     @classmethod
     def from_bundle(cls, path: str | os.PathLike, engine: str = "auto", device: str = "cpu",
                     threads: int | None = None, criterion: str | None = None, verify: bool = True,
-                    checkpoint: str | os.PathLike | None = None) -> Pipeline:
+                    checkpoint: str | os.PathLike | None = None, precision: str | None = None) -> Pipeline:
         """Load a bundle (checksums verified) and create one engine per stage.
 
         ``engine``: ``auto`` or a registered name (``ort``, ``ort-cuda``, ``ort-tensorrt``, ``tensorrt``,
         ``torch``); ``device``: ``cpu`` or ``cuda[:N]``. The ``torch`` engine rebuilds the stages from the
         PyTorch ``checkpoint`` the bundle was exported from (the export extra is needed for it).
+        ``precision``: the stage files to run, the bundle's own (None) or one recorded under
+        ``manifest.precisions`` (e.g. ``int8`` from ``adafocus calibrate int8``; ONNX engines only).
         """
         from adafocus.engines.registry import create_engine, resolve_engine
 
         bundle = load_bundle(path, verify=verify)
         name = resolve_engine(engine, device)
+        files = _precision_files(bundle, precision, name)
         engines: dict[str, Any] = {}
         stages = ("global", "policy", "local")
         try:
@@ -146,12 +150,14 @@ class Pipeline:
             else:
                 options = {"threads": threads} if threads else {}
                 for stage in stages:
-                    engines[stage] = create_engine(name, str(bundle.stage_path(stage)), device=device, **options)
+                    engines[stage] = create_engine(name, str(files[stage]), device=device, **options)
         except Exception:
             for e in engines.values():
                 e.close()
             raise
-        return cls(bundle, engines, name, device, criterion)
+        pipe = cls(bundle, engines, name, device, criterion)
+        pipe.precision = precision or bundle.manifest.precision
+        return pipe
 
     def close(self) -> None:
         for e in self.engines.values():
@@ -405,6 +411,22 @@ def _softmax(x: np.ndarray) -> np.ndarray:
     z = np.asarray(x, np.float64)
     z = np.exp(z - z.max())
     return z / z.sum()
+
+
+def _precision_files(bundle: Bundle, precision: str | None, engine: str) -> dict[str, Path]:
+    """Stage files of ``precision``: the bundle's own, or those recorded under ``manifest.precisions``."""
+    m = bundle.manifest
+    if precision is None or precision == m.precision:
+        return {stage: bundle.stage_path(stage) for stage in m.stages}
+    if precision not in m.precisions:
+        known = ", ".join([m.precision, *m.precisions])
+        hint = " (adafocus calibrate int8 BUNDLE --data DIR adds it)" if precision == "int8" else ""
+        raise BundleError(f"bundle {bundle.path} has no {precision} files (has: {known}){hint}")
+    if engine in ("tensorrt", "torch"):
+        raise EngineError(f"precision {precision} runs the bundle's {precision} ONNX files: use an ort engine, "
+                          f"not {engine}")
+    chosen = m.precisions[precision]
+    return {stage: bundle.file(chosen.get(stage, m.stages[stage].file)) for stage in m.stages}
 
 
 def _engine_record(bundle: Bundle):

@@ -1,0 +1,345 @@
+"""INT8 encoders as Q/DQ ONNX, calibrated on real glance frames and patches, behind an accuracy gate.
+
+``calibrate_int8(bundle, data)``:
+
+1. runs the fp32 bundle on ``calib_videos`` videos of the calibration split and records what the global and
+   local engines are fed (glance frames; patches with the classifier state, context and step);
+2. quantizes ``global.onnx`` and ``local.onnx`` with onnxruntime's static quantizer: QDQ format, signed
+   INT8 symmetric activations (what TensorRT's strongly typed Q/DQ networks take; UINT8 would be flagged
+   by ``adafocus.export.readiness``), per-channel symmetric INT8 weights, float biases. Only convolutions
+   are quantized: the policy (its own file) and the classifier heads (Gemm/MatMul/Gather) stay float,
+   because INT8 compresses exactly the confidences that the exit thresholds read;
+3. runs fp32 and INT8 on the same held-out videos and compares them (:class:`~adafocus.calibration.report.
+   GateReport`): top-1 of both, agreement of predictions, of exit steps and of patch locations, average
+   GFLOPs, stage times;
+4. when the top-1 drop is within ``max_drop`` points at every operating point, writes ``global.int8.onnx``
+   and ``local.int8.onnx`` into the bundle and records them under ``manifest.precisions['int8']``.
+   Otherwise (or on any error) the bundle is left exactly as it was.
+
+NVIDIA ModelOpt is not used here (it is not installed in the reference environment); its Q/DQ graphs would
+slot in at step 2.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import tempfile
+import time
+from collections.abc import Callable, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from adafocus.calibration.collect import collect, collect_many, load_labelled
+from adafocus.calibration.report import GateReport, compare_caches
+from adafocus.errors import AdaFocusError, BundleError, require
+
+QUANTIZED_STAGES = ("global", "local")
+METHODS = ("minmax", "entropy", "percentile")
+HEAD_NAME_HINTS = ("classifier", "mlp", "fc", "head")  # module names of the heads (a Conv head stays float too)
+Log = Callable[[str], None]
+
+
+@dataclass
+class Int8Options:
+    """How to calibrate and gate (the CLI's options, same names)."""
+
+    calib_videos: int = 32  # videos of calib_split whose glance frames and patches calibrate activations
+    calib_split: str = "train"
+    heldout_split: str = "test"
+    max_heldout: int | None = None  # at most this many held-out videos in the gate (None: all)
+    method: str = "minmax"  # activation range: minmax, entropy or percentile (onnxruntime's calibrators)
+    op_types: tuple[str, ...] = ("Conv",)
+    max_drop: float = 1.0  # percentage points of top-1 the INT8 bundle may lose at any operating point
+    threads: int | None = None  # onnxruntime intra-op threads per engine
+    criterion: str | None = None  # exit criterion (default: the bundle's)
+
+    def validate(self) -> None:
+        if self.method not in METHODS:
+            raise AdaFocusError(f"unknown calibration method {self.method!r}; choose one of {', '.join(METHODS)}")
+        if self.calib_videos < 1:
+            raise AdaFocusError(f"--calib-videos must be >= 1, got {self.calib_videos}")
+        if not self.op_types:
+            raise AdaFocusError("no op types to quantize")
+        if self.max_drop != self.max_drop:
+            raise AdaFocusError("--max-drop must be a number of percentage points")
+
+
+@dataclass
+class Int8Result:
+    """What :func:`calibrate_int8` did: the gate report, and whether the INT8 files were written."""
+
+    report: GateReport
+    written: bool
+    files: dict[str, str] = field(default_factory=dict)  # stage -> file in the bundle (when written)
+    quantized_nodes: dict[str, int] = field(default_factory=dict)  # stage -> quantized (Q/DQ-wrapped) nodes
+    seconds: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def passed(self) -> bool:
+        return self.report.passed
+
+
+# ----------------------------------------------------------------------------------- calibration data
+class _Recorder:
+    """An engine wrapper that keeps a copy of every feed (host arrays) and passes the call through."""
+
+    def __init__(self, engine: Any, feeds: list[dict[str, np.ndarray]]):
+        self._engine = engine
+        self._feeds = feeds
+
+    def run(self, feeds: dict[str, Any]) -> dict[str, Any]:
+        self._feeds.append({k: np.array(_host(v), copy=True) for k, v in feeds.items()})
+        return self._engine.run(feeds)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._engine, name)
+
+
+def record_stage_inputs(pipe, videos: Sequence, stages: Sequence[str] = QUANTIZED_STAGES,
+                        progress=None) -> dict[str, list[dict[str, np.ndarray]]]:
+    """What each stage in ``stages`` is fed while ``pipe`` runs every step of every video (fp32 decisions:
+    the glance frames, and every patch with the local stage's state, context and step)."""
+    feeds: dict[str, list[dict[str, np.ndarray]]] = {s: [] for s in stages}
+    saved = dict(pipe.engines)
+    try:
+        for s in stages:
+            pipe.engines[s] = _Recorder(saved[s], feeds[s])
+        collect(pipe, videos, progress=progress)
+    finally:
+        pipe.engines.update(saved)
+    return feeds
+
+
+class _FeedReader:
+    """onnxruntime CalibrationDataReader over recorded feeds (duck-typed: get_next / rewind)."""
+
+    def __init__(self, feeds: list[dict[str, np.ndarray]], input_names: Sequence[str]):
+        self._feeds = [{k: f[k] for k in input_names} for f in feeds]
+        self._i = 0
+
+    def get_next(self) -> dict[str, np.ndarray] | None:
+        if self._i >= len(self._feeds):
+            return None
+        self._i += 1
+        return self._feeds[self._i - 1]
+
+    def rewind(self) -> None:
+        self._i = 0
+
+
+# -------------------------------------------------------------------------------------- quantization
+def head_nodes(model_path: str | os.PathLike, op_types: Sequence[str]) -> list[str]:
+    """Nodes of ``op_types`` that belong to a classifier head (by module name): kept float."""
+    import onnx
+
+    model = onnx.load(str(model_path), load_external_data=False)
+    return [n.name for n in model.graph.node if n.op_type in op_types
+            and any(h in part for part in n.name.lower().split("/") for h in HEAD_NAME_HINTS)]
+
+
+def quantize_stage(src: str | os.PathLike, dst: str | os.PathLike, feeds: list[dict[str, np.ndarray]],
+                   method: str = "minmax", op_types: Sequence[str] = ("Conv",),
+                   exclude: Sequence[str] | None = None) -> int:
+    """Static Q/DQ quantization of one stage file (see the module docstring). Returns the number of
+    quantized nodes (nodes of ``op_types`` whose inputs got Q/DQ pairs)."""
+    require("onnx", "export", "INT8 quantization")
+    import onnx
+    from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
+
+    if not feeds:
+        raise AdaFocusError(f"no calibration data recorded for {Path(src).name}")
+    model = onnx.load(str(src), load_external_data=False)
+    inputs = [i.name for i in model.graph.input]
+    excluded = list(head_nodes(src, op_types) if exclude is None else exclude)
+    calibrators = {"minmax": CalibrationMethod.MinMax, "entropy": CalibrationMethod.Entropy,
+                   "percentile": CalibrationMethod.Percentile}
+    with _quiet_quantizer():
+        quantize_static(
+            str(src), str(dst), _FeedReader(feeds, inputs),
+            quant_format=QuantFormat.QDQ,
+            op_types_to_quantize=list(op_types),
+            nodes_to_exclude=excluded,
+            per_channel=True,
+            activation_type=QuantType.QInt8,  # signed: TensorRT's Q/DQ; onnxruntime's default is UINT8
+            weight_type=QuantType.QInt8,
+            calibrate_method=calibrators[method],
+            extra_options={"ActivationSymmetric": True, "WeightSymmetric": True,
+                           # float biases: int32 bias DequantizeLinear is not something TensorRT takes
+                           "QuantizeBias": False},
+        )
+    quantized = onnx.load(str(dst), load_external_data=False)
+    dq_outputs = {o for n in quantized.graph.node if n.op_type == "DequantizeLinear" for o in n.output}
+    return sum(1 for n in quantized.graph.node if n.op_type in op_types and any(i in dq_outputs for i in n.input))
+
+
+@contextmanager
+def _quiet_quantizer():
+    """onnxruntime's quantizer logs 'consider pre-processing' on the root logger for every call; our graphs
+    are already simplified (onnxslim) with shapes inferred, so the advice is noise here."""
+    class _Drop(logging.Filter):
+        def filter(self, record: logging.LogRecord) -> bool:
+            return "pre-processing" not in record.getMessage()
+
+    root = logging.getLogger()
+    f = _Drop()
+    root.addFilter(f)
+    try:
+        yield
+    finally:
+        root.removeFilter(f)
+
+
+# ------------------------------------------------------------------------------------------ pipeline
+def pipeline_with_files(bundle_dir: str | os.PathLike, files: dict[str, str | os.PathLike],
+                        threads: int | None = None, criterion: str | None = None, precision: str = "int8"):
+    """A CPU onnxruntime Pipeline of a bundle whose stages in ``files`` (stage -> ONNX path, anywhere) replace
+    the bundle's own: how the gate runs INT8 graphs before they are part of the bundle."""
+    from adafocus.bundle import load_bundle
+    from adafocus.engines.registry import create_engine
+    from adafocus.runtime.pipeline import Pipeline
+
+    bundle = load_bundle(bundle_dir, verify=False)  # verified when the fp32 pipeline was made
+    options = {"threads": threads} if threads else {}
+    engines: dict[str, Any] = {}
+    try:
+        for stage in ("global", "policy", "local"):
+            path = files.get(stage) or bundle.stage_path(stage)
+            engines[stage] = create_engine("ort", str(path), device="cpu", **options)
+    except Exception:
+        for e in engines.values():
+            e.close()
+        raise
+    pipe = Pipeline(bundle, engines, "ort", "cpu", criterion)
+    pipe.precision = precision
+    return pipe
+
+
+# ------------------------------------------------------------------------------------------ the command
+def calibrate_int8(bundle_dir: str | os.PathLike, data: str | os.PathLike, options: Int8Options | None = None,
+                   log: Log | None = None, progress=None) -> Int8Result:
+    """Quantize a bundle's encoders to INT8 and gate them against fp32 (see the module docstring).
+
+    Returns the :class:`Int8Result`; ``result.written`` is False when the gate failed (the bundle unchanged).
+    User errors (bad data, unknown labels, a bundle that is not fp32) raise before anything is written.
+    """
+    from adafocus.runtime.pipeline import Pipeline
+
+    opts = options or Int8Options()
+    opts.validate()
+    say = log or (lambda _line: None)
+    bundle_dir = Path(bundle_dir)
+    seconds: dict[str, float] = {}
+    t = time.perf_counter()
+    fp32 = Pipeline.from_bundle(bundle_dir, engine="ort", device="cpu", threads=opts.threads,
+                                criterion=opts.criterion)
+    tmp_dir: Path | None = None
+    int8 = None
+    try:
+        m = fp32.manifest
+        if m.precision != "fp32":
+            raise BundleError(f"INT8 calibration needs an fp32 bundle; {bundle_dir} is {m.precision} "
+                              "(re-export with --precision fp32)")
+        calib_videos, _ = load_labelled(data, opts.calib_split, m.labels, opts.calib_videos)
+        held_videos, held_labels = load_labelled(data, opts.heldout_split, m.labels, opts.max_heldout)
+        feeds = record_stage_inputs(fp32, calib_videos, QUANTIZED_STAGES, progress)
+        seconds["record"] = time.perf_counter() - t
+        say(f"recorded   {len(calib_videos)} {opts.calib_split} videos: {len(feeds['global'])} glance inputs, "
+            f"{len(feeds['local'])} patches ({seconds['record']:.1f}s)")
+
+        tmp_dir = Path(tempfile.mkdtemp(prefix=".int8.", dir=bundle_dir))
+        tmp_files: dict[str, Path] = {}
+        quantized: dict[str, int] = {}
+        for stage in QUANTIZED_STAGES:
+            t = time.perf_counter()
+            src = fp32.bundle.stage_path(stage)
+            tmp_files[stage] = tmp_dir / int8_name(src.name)
+            quantized[stage] = quantize_stage(src, tmp_files[stage], feeds[stage], opts.method, opts.op_types)
+            seconds[f"quantize_{stage}"] = time.perf_counter() - t
+            say(f"quantize   {stage:<6} {quantized[stage]} {'/'.join(opts.op_types)} nodes -> INT8 Q/DQ "
+                f"({opts.method}, {seconds[f'quantize_{stage}']:.1f}s, "
+                f"{tmp_files[stage].stat().st_size / 1e6:.1f} MB)")
+        del feeds
+
+        t = time.perf_counter()
+        int8 = pipeline_with_files(bundle_dir, {s: str(p) for s, p in tmp_files.items()}, opts.threads,
+                                   fp32.criterion)
+        caches = collect_many({"fp32": fp32, "int8": int8}, held_videos, held_labels, opts.heldout_split, progress)
+        report = compare_caches(caches["fp32"], caches["int8"], list(m.exit.thresholds.values()), fp32.criterion,
+                                opts.max_drop)
+        seconds["gate"] = time.perf_counter() - t
+        result = Int8Result(report, False, {}, quantized, seconds)
+        if not report.passed:
+            say(f"gate       FAILED: top-1 drop {report.worst_drop:.2f} points > {opts.max_drop:g}; bundle unchanged")
+            return result
+        int8.close()
+        int8 = None
+        fp32.close()
+        result.files = install_int8(bundle_dir, tmp_files)
+        result.written = True
+        say(f"wrote      {', '.join(result.files.values())} into {bundle_dir} (manifest precisions['int8'])")
+        return result
+    finally:
+        if int8 is not None:
+            int8.close()
+        fp32.close()
+        if tmp_dir is not None:
+            shutil.rmtree(tmp_dir, ignore_errors=True)
+
+
+def int8_name(fp32_name: str) -> str:
+    """``global.onnx`` -> ``global.int8.onnx``."""
+    stem, dot, ext = fp32_name.rpartition(".")
+    return f"{stem}.int8.{ext}" if dot else f"{fp32_name}.int8"
+
+
+def install_int8(bundle_dir: str | os.PathLike, tmp_files: dict[str, Path]) -> dict[str, str]:
+    """Move quantized stage files into the bundle and record them as ``precisions['int8']``, all or nothing:
+    files that are replaced are kept aside until the manifest is written, and put back on failure."""
+    from adafocus.bundle import update_manifest
+
+    bundle_dir = Path(bundle_dir)
+    names = {stage: Path(tmp).name for stage, tmp in tmp_files.items()}
+    aside = Path(tempfile.mkdtemp(prefix=".int8-old.", dir=bundle_dir))
+    moved: list[str] = []
+    kept: list[str] = []
+
+    def edit(manifest):
+        for stage, tmp in tmp_files.items():
+            target = bundle_dir / names[stage]
+            if target.exists():
+                os.replace(target, aside / names[stage])
+                kept.append(names[stage])
+            os.replace(tmp, target)
+            moved.append(names[stage])
+        files = {s: st.file for s, st in manifest.stages.items()}
+        files.update(names)
+        manifest.precisions["int8"] = files
+        for name in names.values():
+            manifest.files[name] = None  # hashed by update_manifest
+        return manifest
+
+    try:
+        update_manifest(bundle_dir, edit)
+    except BaseException:
+        for name in moved:
+            (bundle_dir / name).unlink(missing_ok=True)
+        for name in kept:
+            os.replace(aside / name, bundle_dir / name)
+        raise
+    finally:
+        shutil.rmtree(aside, ignore_errors=True)
+    return names
+
+
+def _host(x: Any) -> np.ndarray:
+    if isinstance(x, np.ndarray):
+        return x
+    if hasattr(x, "get"):  # cupy
+        return x.get()
+    return np.asarray(x)

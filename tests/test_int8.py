@@ -1,0 +1,147 @@
+"""INT8 Q/DQ calibration: signed symmetric Q/DQ on the encoders' convolutions only, heads and policy float,
+the accuracy gate against fp32, and a bundle that is either updated whole or left as it was."""
+
+from __future__ import annotations
+
+import hashlib
+import shutil
+
+import numpy as np
+import pytest
+
+onnx = pytest.importorskip("onnx")
+
+from adafocus.bundle import load_bundle  # noqa: E402
+from adafocus.calibration.int8 import Int8Options, calibrate_int8, int8_name  # noqa: E402
+from adafocus.cli import main  # noqa: E402
+from adafocus.dataset import load_split  # noqa: E402
+from adafocus.runtime.pipeline import Pipeline  # noqa: E402
+
+OPTIONS = {"calib_videos": 3, "calib_split": "train", "heldout_split": "test", "threads": 1}
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    """A random tiny bundle with the demo data's classes, and a small demo data set."""
+    import torch
+
+    from adafocus.demo.data import CLASSES, generate
+    from adafocus.export.exporter import export_bundle
+    from adafocus.models import build_model, save
+    from adafocus.models.checkpoint import set_batchnorm_statistics
+    from adafocus.models.presets import preset_config
+
+    d = tmp_path_factory.mktemp("int8")
+    torch.manual_seed(1)
+    model = set_batchnorm_statistics(build_model(preset_config("tiny").replace(labels=list(CLASSES))))
+    export_bundle(save(model, d / "m.pt", preset="tiny"), d / "bundle", verify=False, log=None)
+    generate(d / "data", videos=24, seed=7)
+    return d / "bundle", d / "data"
+
+
+def _digest(bundle) -> str:
+    h = hashlib.sha256()
+    for f in sorted(bundle.iterdir()):
+        h.update(f.name.encode() + (f.read_bytes() if f.is_file() else b"<dir>"))
+    return h.hexdigest()
+
+
+def _zero_points(model) -> list:
+    inits = {i.name: i for i in model.graph.initializer}
+    return [inits[n.input[2]] for n in model.graph.node
+            if n.op_type in ("QuantizeLinear", "DequantizeLinear") and len(n.input) > 2 and n.input[2] in inits]
+
+
+def test_int8_bundle_is_written_and_runs(setup, tmp_path):
+    bundle, data = setup
+    work = tmp_path / "b"
+    shutil.copytree(bundle, work)
+    result = calibrate_int8(work, data, Int8Options(max_drop=100.0, **OPTIONS))
+    assert result.passed and result.written
+    assert result.files == {"global": "global.int8.onnx", "local": "local.int8.onnx"}
+    assert result.quantized_nodes["global"] > 40 and result.quantized_nodes["local"] == 20  # every conv
+    m = load_bundle(work).manifest  # checksums of the new files are recorded
+    assert m.precisions["int8"] == {"global": "global.int8.onnx", "policy": "policy.onnx", "local": "local.int8.onnx"}
+    assert {"global.int8.onnx", "local.int8.onnx"} <= set(m.files)
+    assert not [p for p in work.iterdir() if p.name.startswith(".")]  # no temp files left behind
+
+    from onnx import TensorProto, numpy_helper
+
+    for stage in ("global", "local"):
+        q = onnx.load(str(work / int8_name(f"{stage}.onnx")))
+        zps = _zero_points(q)
+        assert zps and all(z.data_type in (TensorProto.INT8, TensorProto.INT32) for z in zps)
+        assert all(z.data_type == TensorProto.INT8 for z in zps)  # no int32 bias Q/DQ, no UINT8
+        assert not any(numpy_helper.to_array(z).any() for z in zps)  # symmetric
+        dq_out = {o for n in q.graph.node if n.op_type == "DequantizeLinear" for o in n.output}
+        heads = [n for n in q.graph.node if n.op_type in ("Gemm", "MatMul", "Gather")]
+        assert heads and not any(i in dq_out for n in heads for i in n.input)  # heads stay float
+    from adafocus.export.readiness import check_readiness
+
+    for name in ("global.int8.onnx", "local.int8.onnx"):
+        report = check_readiness(work / name)
+        assert report.ok and not report.warnings and report.qdq_nodes > 0, report.format()
+
+    with Pipeline.from_bundle(work, precision="int8", threads=1) as pipe:
+        video = sorted((data / "test").glob("*.mp4"))[0]
+        res = pipe(video)
+        assert res.exit_step == len(pipe.exits) - 1 and res.label in pipe.labels
+    report = result.report
+    assert report.n == 4 and report.rows[0].name.startswith("full")
+    assert 0.0 <= report.box_iou <= 1.0 and set(report.ms) == {"global", "local"}
+
+
+def test_failed_gate_leaves_the_bundle_as_it_was(setup, tmp_path, capsys):
+    """Labels = the fp32 model's own predictions: fp32 scores 100%, and INT8 of a random model, whose logits
+    are nearly tied, disagrees on some videos, so a gate of 0 points must fail."""
+    bundle, data = setup
+    test = load_split(data, "test")
+    with Pipeline.from_bundle(bundle, threads=1) as pipe:
+        preds = [pipe(v.path).label for v in test]
+    fake = tmp_path / "data"
+    fake.mkdir()
+    rows = {"train": [(v.path, v.label) for v in load_split(data, "train")],
+            "test": [(v.path, p) for v, p in zip(test, preds, strict=True)]}
+    for split, pairs in rows.items():
+        (fake / f"{split}.csv").write_text("video,label\n" + "".join(f"{v},{lab}\n" for v, lab in pairs))
+    before = _digest(bundle)
+    with pytest.raises(SystemExit) as exc:
+        main(["calibrate", "int8", str(bundle), "--data", str(fake), "--max-drop", "0", "--calib-videos", "3",
+              "--threads", "1"])
+    out, err = capsys.readouterr()
+    assert exc.value.code == 1
+    assert "gate FAILED" in out and "100.0%" in out
+    assert err.strip().splitlines()[-1].startswith("error: INT8 accuracy gate failed")
+    assert _digest(bundle) == before
+
+
+@pytest.mark.parametrize("what, message", [("unknown", "not among the bundle's 10 classes"),
+                                           ("empty", "is empty")])
+def test_data_errors_are_one_line(setup, tmp_path, capsys, what, message):
+    bundle, data = setup
+    d = tmp_path / "d"
+    d.mkdir()
+    if what == "unknown":
+        video = sorted((data / "train").glob("*.mp4"))[0]
+        (d / "train.csv").write_text(f"video,label\n{video},mauve-plaid\n")
+    before = _digest(bundle)
+    with pytest.raises(SystemExit) as exc:
+        main(["calibrate", "int8", str(bundle), "--data", str(d)])
+    _, err = capsys.readouterr()
+    assert exc.value.code == 1 and err.count("\n") == 1 and message in err
+    assert _digest(bundle) == before
+
+
+def test_recorded_calibration_inputs_are_what_the_stages_see(setup):
+    from adafocus.calibration.int8 import record_stage_inputs
+
+    bundle, data = setup
+    with Pipeline.from_bundle(bundle, threads=1) as pipe:
+        videos = sorted((data / "val").glob("*.mp4"))[:2]
+        feeds = record_stage_inputs(pipe, videos)
+        assert len(feeds["global"]) == 2 and len(feeds["local"]) == 2 * (len(pipe.exits) - 1)
+        assert feeds["global"][0]["frames"].shape == (1, 8, 3, 128, 128)
+        steps = [int(f["step"][0]) for f in feeds["local"][:len(pipe.exits) - 1]]
+        assert steps == list(range(len(pipe.exits) - 1))
+        assert not np.allclose(feeds["local"][1]["state"], 0)  # the running classifier state, not zeros
+        assert all(type(e).__name__ != "_Recorder" for e in pipe.engines.values())
