@@ -21,7 +21,7 @@ from adafocus.bundle import load_bundle
 from adafocus.cli import export_main, main
 from adafocus.errors import BundleError
 from adafocus.export import export_bundle
-from adafocus.export.verify import check_stages, check_videos, ort_runners, verify_bundle
+from adafocus.export.verify import check_stages, check_videos, ort_engines, verify_bundle
 from adafocus.models import init_checkpoint, load
 from adafocus.models.checkpoint import set_batchnorm_statistics
 from adafocus.models.config import ModelConfig
@@ -107,7 +107,7 @@ def test_no_control_flow_or_crop_inside_the_engines(tiny_export):
 
 # -------------------------------------------------------------------------------------- verification
 def test_each_stage_matches_pytorch(tiny_model, tiny_export):
-    checks = check_stages(tiny_model, ort_runners(tiny_export[0].path), "fp32", batch=3)
+    checks = check_stages(tiny_model, ort_engines(tiny_export[0].path), "fp32", batch=3)
     assert {(c.stage, c.output) for c in checks} == {
         ("global", "fmap"), ("global", "vec"), ("global", "logits"), ("global", "context"),
         ("policy", "actions"), ("policy", "weights"), ("local", "logits"), ("local", "new_state")}
@@ -132,17 +132,21 @@ def test_end_to_end_decisions_match(tiny_model, tiny_export):
     assert 0 < max(v.max_box_err for v in videos) < 6e-4 * tiny_model.cfg.frame_size  # boxes vary per video
 
 
-def test_end_to_end_check_catches_a_wrong_host_loop(tiny_model, tiny_export):
-    model = tiny_model
-    runners = ort_runners(tiny_export[0].path)
-    local = runners["local"]
+def test_end_to_end_check_catches_a_runtime_bug(tiny_model, tiny_export):
+    from adafocus.runtime.pipeline import Pipeline
 
-    def forgets_state(feeds):  # a runtime bug: the classifier state is not carried between steps
-        return local({**feeds, "state": np.zeros_like(feeds["state"])})
+    engines = ort_engines(tiny_export[0].path)
 
-    runners["local"] = forgets_state
-    checks, _ = check_videos(model, runners, "fp32", count=4)
-    assert not all(c.ok for c in checks)
+    class ForgetsState:  # a runtime bug: the classifier state is not carried from step to step
+        def run(self, feeds):
+            return engines["local"].run({**feeds, "state": np.zeros_like(feeds["state"])})
+
+    bundle = load_bundle(tiny_export[0].path)
+    tol = tiny_export[0].report.video_tolerance
+    good, _ = check_videos(tiny_model, Pipeline(bundle, engines, "ort"), "fp32", count=4, tol=tol)
+    bad, _ = check_videos(tiny_model, Pipeline(bundle, {**engines, "local": ForgetsState()}, "ort"), "fp32",
+                          count=4, tol=tol)
+    assert all(c.ok for c in good) and not all(c.ok for c in bad)
 
 
 def test_fp16_export(tiny_ckpt, tmp_path):

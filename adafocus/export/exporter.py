@@ -130,7 +130,7 @@ def export_bundle(
         report = None
         if verify:
             t = time.perf_counter()
-            report = verify_bundle(net, tmp, precision, videos=videos, seed=seed)
+            report = verify_bundle(net, tmp, precision, videos=videos, seed=seed, manifest=manifest)
             manifest.verification.update(report.to_dict())
             status = "passed" if report.passed else "FAILED"
             worst = max((c.max_rel for c in report.stages), default=0.0)

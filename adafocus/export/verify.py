@@ -3,8 +3,9 @@
 1. **Stages**: each ONNX file runs in onnxruntime on the same realistic inputs as the fp32 PyTorch stage
    (chained through the model, at a batch size other than the traced one, which also checks the dynamic
    batch); max abs and max rel error per output, where rel = max abs error / max |reference|.
-2. **End to end**: random videos run step by step both ways, the ONNX side with the runtime's host logic
-   (numpy frame choice, :func:`adafocus.runtime.crop.crop_cpu` crop, explicit classifier state). Exit
+2. **End to end**: random videos run step by step both ways: the reference model's ``stepwise``, and the
+   runtime itself (:meth:`adafocus.runtime.pipeline.Pipeline.run_frames` on ``ort`` engines: numpy frame
+   choice, :func:`adafocus.runtime.crop.crop_cpu` crop, explicit classifier state). Exit
    thresholds are set between the two highest reference scores of every step, so that videos exit at
    different steps; the exit steps, predictions, focus positions and boxes are compared.
 
@@ -37,19 +38,19 @@ Tolerances (:data:`TOLERANCES`), per output ``max_abs <= rtol * max|ref| + atol 
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from adafocus.bundle import STAGES, Bundle, Manifest, load_bundle
 from adafocus.export.onnx_export import ExportError
 from adafocus.export.stages import build_stages, example_inputs
-from adafocus.runtime.exits import confidence
-from adafocus.runtime.sampling import crop_boxes, focus_positions, glance_positions
+from adafocus.runtime.sampling import crop_boxes
 
 
 class VerificationError(ExportError):
@@ -69,9 +70,6 @@ class Tolerance:
 
 
 TOLERANCES = {"fp32": Tolerance(1e-4, 0.0), "fp16": Tolerance(1e-3, 2.0 ** -14, drift_factor=2.0)}
-
-Runner = Callable[[dict[str, np.ndarray]], dict[str, np.ndarray]]
-
 
 @dataclass
 class OutputCheck:
@@ -159,29 +157,18 @@ def _rounded(d: dict) -> dict:
     return {k: float(f"{v:.4g}") if isinstance(v, float) else v for k, v in d.items()}
 
 
-# ----------------------------------------------------------------------------------------- sessions
-def ort_runners(bundle_dir: str | Path, files: dict[str, str] | None = None) -> dict[str, Runner]:
-    """One onnxruntime CPU session per stage file, as ``feeds -> outputs`` callables."""
-    import onnxruntime as ort
+# ------------------------------------------------------------------------------------------ engines
+def ort_engines(bundle_dir: str | Path, files: dict[str, str] | None = None) -> dict[str, Any]:
+    """One onnxruntime CPU engine (:mod:`adafocus.engines`) per stage file; close them when done."""
+    from adafocus.engines import create_engine
 
     files = files or {s: f"{s}.onnx" for s in ("global", "policy", "local")}
-    opts = ort.SessionOptions()
-    opts.log_severity_level = 3
-    runners = {}
-    for stage, name in files.items():
-        sess = ort.InferenceSession(str(Path(bundle_dir) / name), opts, providers=["CPUExecutionProvider"])
-        out_names = [o.name for o in sess.get_outputs()]
-
-        def run(feeds, sess=sess, out_names=out_names):
-            return dict(zip(out_names, sess.run(out_names, feeds), strict=True))
-
-        runners[stage] = run
-    return runners
+    return {stage: create_engine("ort", str(Path(bundle_dir) / name), device="cpu") for stage, name in files.items()}
 
 
 # --------------------------------------------------------------------------------------------- stages
 @torch.no_grad()
-def check_stages(model: nn.Module, runners: dict[str, Runner], precision: str = "fp32", batch: int = 3,
+def check_stages(model: nn.Module, engines: dict[str, Any], precision: str = "fp32", batch: int = 3,
                  seed: int = 1) -> list[OutputCheck]:
     """Each ONNX stage against the fp32 PyTorch stage on the same inputs (fp16: and PyTorch's fp16 drift)."""
     tol = TOLERANCES[precision]
@@ -192,7 +179,7 @@ def check_stages(model: nn.Module, runners: dict[str, Runner], precision: str = 
     for stage, module in reference.items():
         ref = module(*inputs[stage])
         ref16 = half[stage](*inputs[stage]) if half is not None else [None] * len(ref)
-        got = runners[stage]({n: x.numpy() for n, x in zip(module.input_names, inputs[stage], strict=True)})
+        got = engines[stage].run({n: x.numpy() for n, x in zip(module.input_names, inputs[stage], strict=True)})
         for name, r, r16 in zip(module.output_names, ref, ref16, strict=True):
             drift = None if r16 is None else _max_abs(r16.numpy(), r.numpy())
             checks.append(_compare(stage, name, got[name], r.numpy(), tol, drift))
@@ -241,55 +228,28 @@ class Trace:
     scores: list[float]
     positions: np.ndarray | None = None  # [K] (None if it exited at step 0)
     boxes: np.ndarray | None = None  # [K, 4] (y0, x0, h, w) pixels
-    weights: np.ndarray | None = None  # [Tg] temporal weights
 
     @property
     def exit_step(self) -> int:
         return len(self.logits) - 1
 
 
-def _reaches(score: float, thresholds, k: int) -> bool:
-    return thresholds is not None and k < len(thresholds) and thresholds[k] is not None \
-        and score >= float(thresholds[k])
-
-
-def run_onnx(runners: dict[str, Runner], cfg, video: dict[str, np.ndarray], thresholds=None,
-             criterion: str = "max_logit") -> Trace:
-    """Step-wise inference of one video through the ONNX stages, with the runtime's host-side logic.
+def run_onnx(pipeline, video: dict[str, np.ndarray], thresholds=None) -> Trace:
+    """Step-wise inference of one video by the runtime (:class:`adafocus.runtime.pipeline.Pipeline`).
 
     ``video``: base ``{"frames": [N, 3, S, S]}``; tsm ``{"glance": [Tg, 3, S, S], "candidates": [3K, ...]}``.
     """
-    from adafocus.runtime.crop import crop_cpu
+    from adafocus.runtime.budget import Budget
 
-    base = cfg.family == "base"
-    frames = video["frames"] if base else video["candidates"]
-    glance = frames[glance_positions(cfg.num_segments, cfg.num_glance)] if base else video["glance"]
-    g = runners["global"]({"frames": np.ascontiguousarray(glance[None], dtype=np.float32)})
-    trace = Trace([g["logits"][0]], [float(confidence(g["logits"][0], criterion))])
-    if _reaches(trace.scores[0], thresholds, 0):
-        return trace
-    p = runners["policy"]({"fmap": g["fmap"], "vec": g["vec"]})
-    pos = focus_positions(p["weights"], cfg.candidates, cfg.num_focus, clamp=base)[0]
-    actions = p["actions"][0, pos] if base else np.repeat(p["actions"][0, :1], cfg.num_focus, axis=0)
-    boxes = crop_boxes(actions, cfg.frame_size, cfg.crop_min, cfg.crop_max)
-    trace.positions, trace.boxes, trace.weights = pos, boxes, p["weights"][0]
-    if base:
-        state = np.zeros((1, cfg.mlp_dim), np.float32)
-        for k in range(cfg.num_focus):
-            patch = crop_cpu(frames, boxes[k:k + 1], cfg.patch_size, indices=pos[k:k + 1])
-            out = runners["local"]({"patch": patch, "state": state, "context": g["context"],
-                                    "step": np.array([k], np.int64)})
-            state = out["new_state"]
-            trace.logits.append(out["logits"][0])
-            trace.scores.append(float(confidence(out["logits"][0], criterion)))
-            if _reaches(trace.scores[-1], thresholds, k + 1):
-                break
+    steps = len(pipeline.exits) - 1
+    budget = Budget(float("inf"), steps, None if thresholds is None else tuple(thresholds))
+    if "frames" in video:
+        t = pipeline.run_frames(video["frames"], budget)
     else:
-        patches = crop_cpu(frames, boxes, cfg.patch_size, indices=pos)
-        out = runners["local"]({"patches": patches[None], "context": g["context"]})
-        trace.logits.append(out["logits"][0])
-        trace.scores.append(float(confidence(out["logits"][0], criterion)))
-    return trace
+        t = pipeline.run_frames(video["candidates"], budget, glance_frames=video["glance"])
+    ran_policy = len(t.positions) > 0
+    return Trace(list(t.logits), list(t.scores), t.positions if ran_policy else None,
+                 t.boxes if ran_policy else None)
 
 
 @torch.no_grad()
@@ -358,21 +318,22 @@ def spread_thresholds(scores: list[list[float]], tol: Tolerance) -> list[float |
 
 
 # -------------------------------------------------------------------------------------- end to end
-def check_videos(model: nn.Module, runners: dict[str, Runner], precision: str = "fp32", count: int = 4,
-                 seed: int = 0, criterion: str = "max_logit", tol: Tolerance | None = None
-                 ) -> tuple[list[VideoCheck], list[float | None]]:
+def check_videos(model: nn.Module, pipeline, precision: str = "fp32", count: int = 4, seed: int = 0,
+                 tol: Tolerance | None = None) -> tuple[list[VideoCheck], list[float | None]]:
     """Whole videos both ways with mid-way exits; returns the per-video checks and the thresholds used.
 
-    ``tol`` bounds each step's logits (default: the precision's stage tolerance without drift)."""
+    ``pipeline``: the runtime on the bundle's engines; ``tol`` bounds each step's logits (default: the
+    precision's stage tolerance; :func:`verify_bundle` passes :func:`end_to_end_tolerance`)."""
     tol = tol or TOLERANCES[precision]
     cfg = model.cfg
+    criterion = pipeline.criterion
     videos = random_videos(cfg, max(count, 2), seed)
     full = [run_torch(model, v, None, criterion) for v in videos]
     thresholds = spread_thresholds([t.scores for t in full], tol)
     checks = []
     for i, video in enumerate(videos):
         ref = run_torch(model, video, thresholds, criterion)
-        got = run_onnx(runners, cfg, video, thresholds, criterion)
+        got = run_onnx(pipeline, video, thresholds)
         checks.append(_compare_video(i, full[i], ref, got, thresholds, precision, tol, cfg.frame_size))
     return checks, thresholds
 
@@ -430,22 +391,33 @@ def _compare_video(i: int, full: Trace, ref: Trace, got: Trace, thresholds: list
 
 
 def verify_bundle(model: nn.Module, bundle_dir: str | Path, precision: str = "fp32", videos: int = 4,
-                  seed: int = 0, files: dict[str, str] | None = None) -> VerificationReport:
-    """Stage checks + end-to-end decision checks of the ONNX files in ``bundle_dir`` against ``model``."""
+                  seed: int = 0, manifest: Manifest | None = None) -> VerificationReport:
+    """Stage checks + end-to-end decision checks of the bundle in ``bundle_dir`` against ``model``.
+
+    ``manifest``: the bundle's manifest when it is not written yet (the exporter verifies before it writes);
+    default: read from ``bundle_dir`` (checksums verified).
+    """
+    from adafocus.runtime.pipeline import Pipeline
+
     if precision not in TOLERANCES:
         raise ValueError(f"precision must be one of {', '.join(TOLERANCES)}, not {precision!r}")
-    runners = ort_runners(bundle_dir, files)
-    report = VerificationReport(precision, TOLERANCES[precision])
-    report.stages = check_stages(model, runners, precision, seed=seed + 1)
-    if videos > 0:
-        report.video_tolerance = end_to_end_tolerance(precision, report.stages)
-        report.videos, report.thresholds = check_videos(model, runners, precision, videos, seed,
-                                                        tol=report.video_tolerance)
+    bundle = Bundle(Path(bundle_dir), manifest) if manifest is not None else load_bundle(bundle_dir)
+    engines = ort_engines(bundle.path, {s: st.file for s, st in bundle.manifest.stages.items() if s in STAGES})
+    try:
+        report = VerificationReport(precision, TOLERANCES[precision])
+        report.stages = check_stages(model, engines, precision, seed=seed + 1)
+        if videos > 0:
+            report.video_tolerance = end_to_end_tolerance(precision, report.stages)
+            report.videos, report.thresholds = check_videos(model, Pipeline(bundle, engines, "ort"), precision,
+                                                            videos, seed, tol=report.video_tolerance)
+    finally:
+        for engine in engines.values():
+            engine.close()
     return report
 
 
 __all__ = [
     "TOLERANCES", "OutputCheck", "Tolerance", "Trace", "VerificationError", "VerificationReport", "VideoCheck",
-    "check_stages", "check_videos", "end_to_end_tolerance", "ort_runners", "random_videos", "run_onnx", "run_torch",
+    "check_stages", "check_videos", "end_to_end_tolerance", "ort_engines", "random_videos", "run_onnx", "run_torch",
     "spread_thresholds", "verify_bundle",
 ]
