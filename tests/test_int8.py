@@ -12,7 +12,8 @@ import pytest
 onnx = pytest.importorskip("onnx")
 
 from adafocus.bundle import load_bundle  # noqa: E402
-from adafocus.calibration.int8 import Int8Options, calibrate_int8, int8_name  # noqa: E402
+from adafocus.errors import BundleError  # noqa: E402
+from adafocus.calibration.int8 import Int8Options, calibrate_int8, install_int8, int8_name  # noqa: E402
 from adafocus.cli import main  # noqa: E402
 from adafocus.dataset import load_split  # noqa: E402
 from adafocus.runtime.pipeline import Pipeline  # noqa: E402
@@ -90,6 +91,16 @@ def test_int8_bundle_is_written_and_runs(setup, tmp_path):
     assert report.n == 4 and report.rows[0].name.startswith("full")
     assert 0.0 <= report.box_iou <= 1.0 and set(report.ms) == {"global", "local"}
 
+    # a second calibration replaces the files and their checksums together
+    new = tmp_path / "new"
+    new.mkdir()
+    for stage in ("global", "local"):
+        shutil.copy(work / f"{stage}.onnx", new / int8_name(f"{stage}.onnx"))
+    assert install_int8(work, {s: new / int8_name(f"{s}.onnx") for s in ("global", "local")})
+    load_bundle(work)
+    assert (work / "local.int8.onnx").read_bytes() == (work / "local.onnx").read_bytes()
+    assert not [p for p in work.iterdir() if p.name.startswith(".")]
+
 
 def test_failed_gate_leaves_the_bundle_as_it_was(setup, tmp_path, capsys):
     """Labels = the fp32 model's own predictions: fp32 scores 100%, and INT8 of a random model, whose logits
@@ -145,3 +156,26 @@ def test_recorded_calibration_inputs_are_what_the_stages_see(setup):
         assert steps == list(range(len(pipe.exits) - 1))
         assert not np.allclose(feeds["local"][1]["state"], 0)  # the running classifier state, not zeros
         assert all(type(e).__name__ != "_Recorder" for e in pipe.engines.values())
+
+
+def test_uint8_cpu_variant_of_one_stage_is_its_own_precision(setup, tmp_path):
+    from onnx import TensorProto
+
+    from adafocus.export.readiness import check_readiness
+
+    bundle, data = setup
+    work = tmp_path / "b"
+    shutil.copytree(bundle, work)
+    result = calibrate_int8(work, data, Int8Options(max_drop=100.0, stages=("local",), activations="uint8",
+                                                    **OPTIONS))
+    assert result.written and result.files == {"local": "local.int8-u8.onnx"}
+    m = load_bundle(work).manifest
+    assert m.precisions == {"int8-u8": {"global": "global.onnx", "policy": "policy.onnx",
+                                        "local": "local.int8-u8.onnx"}}
+    zps = _zero_points(onnx.load(str(work / "local.int8-u8.onnx")))
+    assert zps and any(z.data_type == TensorProto.UINT8 for z in zps)
+    assert not check_readiness(work / "local.int8-u8.onnx").ok  # TensorRT would refuse it, and we say so
+    with Pipeline.from_bundle(work, precision="int8-u8", threads=1) as pipe:
+        assert pipe.precision == "int8-u8"
+    with pytest.raises(BundleError, match="no int8 files"):
+        Pipeline.from_bundle(work, precision="int8")
