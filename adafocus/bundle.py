@@ -40,6 +40,17 @@ BATCH = "batch"  # the only symbolic dimension in any stage's inputs and outputs
 
 
 # ------------------------------------------------------------------------------------------- records
+class _Record:
+    """JSON round trip of a flat dataclass; unknown keys are an error (a manifest of another version)."""
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict):
+        return cls(**_known(cls, d, cls.__name__))
+
+
 @dataclass
 class TensorInfo:
     """One named input or output of a stage: ``shape`` holds ints and at most the symbol ``"batch"``."""
@@ -79,7 +90,7 @@ class StageInfo:
 
 
 @dataclass
-class Preprocessing:
+class Preprocessing(_Record):
     """How decoded frames become the tensors the engines take, and which frames the host picks.
 
     Frames: resize the shorter side to ``resize_size``, centre-crop ``frame_size``, scale to [0, 1],
@@ -108,16 +119,9 @@ class Preprocessing:
     crop_max: float
     patches_per_step: int
 
-    def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
-
-    @classmethod
-    def from_dict(cls, d: dict) -> Preprocessing:
-        return cls(**_known(cls, d, "preprocessing"))
-
 
 @dataclass
-class Costs:
+class Costs(_Record):
     """GFLOPs (multiply-adds) of one video: ``exits[k]`` is the cumulative cost of exiting at step k."""
 
     glance: float
@@ -128,16 +132,9 @@ class Costs:
     parts: dict[str, float] = field(default_factory=dict)
     dense: float | None = None  # the dense baseline per video, once dense.onnx was added
 
-    def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
-
-    @classmethod
-    def from_dict(cls, d: dict) -> Costs:
-        return cls(**_known(cls, d, "costs"))
-
 
 @dataclass
-class ExitPolicy:
+class ExitPolicy(_Record):
     """Early-exit rule: exit at step k when ``criterion(logits_k) >= table[k]``.
 
     ``thresholds`` maps a table name (one per budget, written by calibration) to its per-step thresholds;
@@ -146,13 +143,6 @@ class ExitPolicy:
 
     criterion: str = "max_logit"
     thresholds: dict[str, Any] = field(default_factory=dict)
-
-    def to_dict(self) -> dict:
-        return {"criterion": self.criterion, "thresholds": self.thresholds}
-
-    @classmethod
-    def from_dict(cls, d: dict) -> ExitPolicy:
-        return cls(**_known(cls, d, "exit"))
 
 
 @dataclass
@@ -171,7 +161,7 @@ class FileEntry:
 
 
 @dataclass
-class EngineRecord:
+class EngineRecord(_Record):
     """TensorRT engines of one build: they only load on the same TensorRT version and compute capability.
 
     ``files`` maps a stage name to its engine file (its checksum is in ``Manifest.files``); ``batch`` is
@@ -186,13 +176,6 @@ class EngineRecord:
     batch: dict[str, int] = field(default_factory=dict)
     created: str = ""
     extra: dict[str, Any] = field(default_factory=dict)  # builder details (workspace, strongly typed, ...)
-
-    def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
-
-    @classmethod
-    def from_dict(cls, d: dict) -> EngineRecord:
-        return cls(**_known(cls, d, "engine record"))
 
 
 # ------------------------------------------------------------------------------------------ manifest

@@ -97,7 +97,7 @@ def test_other_format_versions_are_refused(bundle_dir, version, words):
 @pytest.mark.parametrize("edit, match", [
     (lambda d: d.update(format="something-else"), "not an adafocus bundle"),
     (lambda d: d["stages"].pop("policy"), "lacks the stage"),
-    (lambda d: d["costs"].update(surprise=1), "unknown costs keys"),
+    (lambda d: d["costs"].update(surprise=1), "unknown Costs keys"),
     (lambda d: d.pop("labels"), "malformed bundle manifest"),
     (lambda d: d["files"].update({"../escape.onnx": {"sha256": "0", "size": 1}}), "bad bundle file name"),
 ])
