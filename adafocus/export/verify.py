@@ -71,6 +71,7 @@ class Tolerance:
 
 TOLERANCES = {"fp32": Tolerance(1e-4, 0.0), "fp16": Tolerance(1e-3, 2.0 ** -14, drift_factor=2.0)}
 
+
 @dataclass
 class OutputCheck:
     stage: str
@@ -162,7 +163,7 @@ def ort_engines(bundle_dir: str | Path, files: dict[str, str] | None = None) -> 
     """One onnxruntime CPU engine (:mod:`adafocus.engines`) per stage file; close them when done."""
     from adafocus.engines import create_engine
 
-    files = files or {s: f"{s}.onnx" for s in ("global", "policy", "local")}
+    files = files or {s: f"{s}.onnx" for s in STAGES}
     return {stage: create_engine("ort", str(Path(bundle_dir) / name), device="cpu") for stage, name in files.items()}
 
 
