@@ -12,10 +12,10 @@ import pytest
 onnx = pytest.importorskip("onnx")
 
 from adafocus.bundle import load_bundle  # noqa: E402
-from adafocus.errors import BundleError  # noqa: E402
 from adafocus.calibration.int8 import Int8Options, calibrate_int8, install_int8, int8_name  # noqa: E402
 from adafocus.cli import main  # noqa: E402
 from adafocus.dataset import load_split  # noqa: E402
+from adafocus.errors import BundleError  # noqa: E402
 from adafocus.runtime.pipeline import Pipeline  # noqa: E402
 
 OPTIONS = {"calib_videos": 3, "calib_split": "train", "heldout_split": "test", "threads": 1}
