@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import io
 import json
 import shutil
@@ -24,27 +25,33 @@ from adafocus.runtime.budget import Budget
 from adafocus.runtime.pipeline import Pipeline
 
 
+@contextlib.contextmanager
+def one_torch_thread():
+    """Tiny convs run several times faster on one thread on a shared 2-core machine."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="module")
 def bundle(tmp_path_factory):
-    """A random-weight tiny bundle with a random-weight dense baseline (torch on one thread: the tiny convs
-    run several times faster so on a shared 2-core machine)."""
+    """A random-weight tiny bundle with a random-weight dense baseline."""
     from adafocus.export.dense import add_dense
     from adafocus.export.exporter import export_bundle
     from adafocus.models import build_model, save
     from adafocus.models.checkpoint import set_batchnorm_statistics
     from adafocus.models.presets import preset_config
 
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
+    with one_torch_thread():
         torch.manual_seed(0)
         d = tmp_path_factory.mktemp("bench")
         model = set_batchnorm_statistics(build_model(preset_config("tiny")))
         ckpt = save(model, d / "tiny.pt", preset="tiny")
         export_bundle(ckpt, d / "bundle", verify=False, simplify_graphs=False, log=None)
         add_dense(d / "bundle", simplify_graph=False, log=None)
-    finally:
-        torch.set_num_threads(threads)
     return d / "bundle"
 
 
@@ -66,7 +73,9 @@ def test_add_dense_records_the_dense_stage(bundle):
     assert [t.shape for t in dense.inputs] == [["batch", 16, 3, 128, 128]]
     assert [t.shape for t in dense.outputs] == [["batch", 10]]
     # the same count as the FLOPs report's dense baseline (which leaves out the tiny linear head)
-    assert dense.gflops == pytest.approx(count_flops("tiny").dense, rel=1e-3)
+    with one_torch_thread():
+        reference = count_flops("tiny").dense
+    assert dense.gflops == pytest.approx(reference, rel=1e-3)
     assert m.costs.dense == dense.gflops  # what '30%' budgets are a share of, in the runtime too
     assert m.verification["dense"]["random_init"] is True and m.verification["dense"]["max_rel"] < 1e-4
     assert budget_gflops(m, "50%") == pytest.approx(0.5 * dense.gflops)
@@ -95,13 +104,9 @@ def test_add_dense_from_checkpoint_and_refusals(bundle, tmp_path):
         add_dense(copy, adaptive, log=None)
     assert sorted(p.name for p in copy.iterdir()) == sorted(p.name for p in bundle.iterdir())  # nothing left
 
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
+    with one_torch_thread():
         good = save(DenseBaseline(cfg).eval(), tmp_path / "dense.pt", extra={"model": "dense"})
         m = add_dense(copy, good, simplify_graph=False, log=None)
-    finally:
-        torch.set_num_threads(threads)
     assert m.verification["dense"]["source"] == str(good) and m.verification["dense"]["random_init"] is False
     load_bundle(copy, verify=True)
 
