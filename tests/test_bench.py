@@ -20,7 +20,7 @@ from adafocus.bench.report import ROW_KEYS, check_report, load_json, print_repor
 from adafocus.bench.runner import STAGE_ORDER, BenchConfig, batch_sizes, budget_gflops, run_benchmark
 from adafocus.bundle import load_bundle
 from adafocus.cli import main
-from adafocus.errors import AdaFocusError, BudgetError, CheckpointError, VideoError
+from adafocus.errors import AdaFocusError, BudgetError, CheckpointError, DataError, VideoError
 from adafocus.runtime.budget import Budget
 from adafocus.runtime.pipeline import Pipeline
 
@@ -161,6 +161,8 @@ def test_bad_reports_and_budgets_are_refused(bundle, clips, tmp_path):
     with pytest.raises(BudgetError, match="below the glance cost"):  # before anything is measured
         run_benchmark(BenchConfig(bundle, clips[:1], budgets=["1%"], warmup_s=0, repeats=1), log=None)
     assert batch_sizes(6) == [1, 2, 4, 6] and batch_sizes(1) == [1]
+    with pytest.raises(DataError, match="labels not among the bundle's 10 classes: cyan-checker"):
+        run_benchmark(BenchConfig(bundle, clips[:1], labels={clips[0]: "cyan-checker"}), log=None)
     text = tmp_path / "not_a_video.mp4"
     text.write_text("no video here\n" * 10)
     with pytest.raises(VideoError, match="cannot benchmark 1 of 2 videos"):

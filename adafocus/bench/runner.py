@@ -374,6 +374,13 @@ def run_benchmark(config: BenchConfig, log: Log | None = print) -> dict[str, Any
     m = bundle.manifest
     for text in config.budgets:  # a malformed or too small budget fails here, before anything is measured
         budget_gflops(m, text)
+    if config.labels:  # labels of another class list would give 0% accuracy without a word
+        unknown = sorted(set(config.labels.values()) - set(m.labels))
+        if unknown:
+            from adafocus.errors import DataError
+
+            raise DataError(f"labels not among the bundle's {len(m.labels)} classes: {', '.join(unknown[:5])}"
+                            + (" ..." if len(unknown) > 5 else ""))
     names = engine_list(config)
     avail = available_engines(config.device)
     rows: list[BenchRow] = []
