@@ -135,6 +135,10 @@ class VerificationReport:
             lines.append(f"{c.stage:<8} {c.output:<10} {c.max_abs:10.3g} {c.max_rel:10.3g} {c.bound:10.3g}"
                          + (f" {c.drift:10.3g}" if drift and c.drift is not None else "")
                          + f"  {'ok' if c.ok else 'FAIL'}")
+        drifts = [c.drift / c.ref_max for c in self.stages if c.drift is not None and c.ref_max >= 1e-2]
+        if drifts and max(drifts) > 1e-2:
+            lines.append(f"warning: PyTorch itself moves by up to {max(drifts):.1%} (relative) at fp16 on these "
+                         "weights; check accuracy on real videos, or export fp32")
         if self.videos:
             vt = self.video_tolerance or t
             lines.append(f"end to end: {len(self.videos)} random videos, exit thresholds {_fmt_list(self.thresholds)}, "
@@ -146,6 +150,11 @@ class VerificationReport:
                              f"{'same' if v.positions_same else 'differ':>9} {v.max_box_err:10.3g} "
                              f"{v.max_logit_rel:10.3g}  {'ok' if v.ok else 'FAIL'}"
                              + (f"  ({v.note})" if v.note else ""))
+            differ = sum(v.exit_ref != v.exit_onnx or v.pred_ref != v.pred_onnx or not v.positions_same
+                         for v in self.videos)
+            if differ:
+                lines.append(f"note: decisions differ from PyTorch fp32 in {differ} of {len(self.videos)} videos, "
+                             "each at a near tie within the bound")
         return "\n".join(lines)
 
 
