@@ -63,8 +63,10 @@ def focus_positions(weights: np.ndarray, num_candidates: int, num_focus: int, cl
         q = (x2 * (targets - y1) - x1 * (targets - y2)) / (y2 - y1)
     q = np.where(np.isfinite(q), q, x1)  # a zero-weight segment (fp16 underflow): take its start
     idx = np.floor(q * np.float32(num_candidates)).astype(np.int64)
-    for i in range(1, num_focus):  # strictly increasing
-        idx[:, i] = np.where(idx[:, i] > idx[:, i - 1], idx[:, i], idx[:, i - 1] + 1)
+    # strictly increasing, as upstream's loop idx_i = max(idx_i, idx_{i-1} + 1) does: unrolled, that loop is
+    # idx_i = i + max_{j <= i}(idx_j - j), a running maximum
+    steps = np.arange(num_focus)
+    idx = np.maximum.accumulate(idx - steps, axis=1) + steps
     cap = num_candidates - num_focus + np.arange(num_focus)
     idx = np.minimum(idx, cap[None, :])
     return np.maximum(idx, 0)
