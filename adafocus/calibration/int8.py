@@ -205,8 +205,12 @@ def quantize_stage(src: str | os.PathLike, dst: str | os.PathLike, feeds: list[d
 
 @contextmanager
 def _quiet_quantizer():
-    """onnxruntime's quantizer logs 'consider pre-processing' on the root logger for every call; our graphs
-    are already simplified (onnxslim) with shapes inferred, so the advice is noise here."""
+    """onnxruntime's quantizer logs 'consider pre-processing' on the root logger for every call (our graphs
+    are already simplified by onnxslim, so the advice is noise here), and its histogram calibrators print
+    progress to stdout, which would mix with a command's JSON output."""
+    import contextlib
+    import io
+
     class _Drop(logging.Filter):
         def filter(self, record: logging.LogRecord) -> bool:
             return "pre-processing" not in record.getMessage()
@@ -215,7 +219,8 @@ def _quiet_quantizer():
     f = _Drop()
     root.addFilter(f)
     try:
-        yield
+        with contextlib.redirect_stdout(io.StringIO()):
+            yield
     finally:
         root.removeFilter(f)
 
@@ -298,6 +303,7 @@ def calibrate_int8(bundle_dir: str | os.PathLike, data: str | os.PathLike, optio
         caches = collect_many({"fp32": fp32, "int8": int8}, held_videos, held_labels, opts.heldout_split, progress)
         report = compare_caches(caches["fp32"], caches["int8"], list(m.exit.thresholds.values()), fp32.criterion,
                                 opts.max_drop)
+        report.precision = opts.precision
         seconds["gate"] = time.perf_counter() - t
         result = Int8Result(report, False, {}, quantized, seconds)
         if not report.passed:

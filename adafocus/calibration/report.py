@@ -108,6 +108,7 @@ class GateReport:
     frame_agreement: float  # % of focus steps that picked the same frame
     ms: dict[str, tuple[float, float]] = field(default_factory=dict)  # stage -> (fp32, int8) ms per call
     max_drop: float = 1.0
+    precision: str = "int8"  # the precision under test
 
     @property
     def worst_drop(self) -> float:
@@ -119,15 +120,16 @@ class GateReport:
 
     def to_dict(self) -> dict:
         d = asdict(self)
-        d["ms"] = {k: {"fp32": a, "int8": b} for k, (a, b) in self.ms.items()}
+        d["ms"] = {k: {"fp32": a, self.precision: b} for k, (a, b) in self.ms.items()}
         d["worst_drop"] = self.worst_drop
         d["passed"] = self.passed
         return d
 
     def format(self) -> str:
-        lines = [f"accuracy gate: INT8 vs fp32 on {self.n} {self.split} videos (max drop {self.max_drop:g} points)",
-                 f"{'operating point':<18} {'top-1 fp32':>10} {'int8':>7} {'drop':>6} {'same pred':>9} "
-                 f"{'same exit':>9} {'GFLOPs fp32':>11} {'int8':>8}"]
+        p = self.precision
+        lines = [f"accuracy gate: {p} vs fp32 on {self.n} {self.split} videos (max drop {self.max_drop:g} points)",
+                 f"{'operating point':<18} {'top-1 fp32':>10} {p:>7} {'drop':>6} {'same pred':>9} "
+                 f"{'same exit':>9} {'GFLOPs fp32':>11} {p:>8}"]
         for r in self.rows:
             lines.append(f"{r.name:<18} {r.top1_ref:>9.1f}% {r.top1_test:>6.1f}% {r.drop:>+6.1f} "
                          f"{r.pred_agreement:>8.1f}% {r.exit_agreement:>8.1f}% {r.gflops_ref:>11.4g} "
