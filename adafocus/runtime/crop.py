@@ -56,7 +56,58 @@ def _axis(start: np.ndarray, length: np.ndarray, size: int, patch: int):
     hi = lo + 1
     w_lo = np.where((lo >= 0) & (lo < size), w_lo, np.float32(0.0))  # zero padding
     w_hi = np.where((hi >= 0) & (hi < size), w_hi, np.float32(0.0))
-    return np.clip(lo, 0, size - 1), np.clip(hi, 0, size - 1), w_lo, w_hi
+    # np.minimum/np.maximum rather than np.clip: same result, a fraction of the call overhead
+    return (np.maximum(np.minimum(lo, size - 1), 0), np.maximum(np.minimum(hi, size - 1), 0), w_lo, w_hi)
+
+
+@dataclass(frozen=True)
+class CropPlan:
+    """Neighbour indices and weights of every box, computed once (``plan_crop``) so that patches can then be
+    cut one at a time (``crop_planned``) with only the gathers left per patch: the runtime knows all K boxes
+    after the policy but cuts patch k only when step k runs."""
+
+    size: int
+    patch: int
+    y: tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]  # lo, hi, w_lo, w_hi: [N, P] each
+    x: tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]
+
+
+def plan_crop(boxes: np.ndarray, size: int, patch_size: int) -> CropPlan:
+    """Prepare the crops of ``boxes`` ``[N, 4]`` (y0, x0, h, w) from ``size`` x ``size`` frames."""
+    boxes = np.asarray(boxes, dtype=np.float32)
+    if boxes.ndim != 2 or boxes.shape[1] != 4:
+        raise ValueError(f"boxes must be [N, 4] (y0, x0, h, w), got {list(boxes.shape)}")
+    return CropPlan(size, patch_size, _axis(boxes[:, 0], boxes[:, 2], size, patch_size),
+                    _axis(boxes[:, 1], boxes[:, 3], size, patch_size))
+
+
+def crop_planned(frames: np.ndarray, plan: CropPlan, k: int, frame_index: int,
+                 out: np.ndarray | None = None) -> np.ndarray:
+    """Patch ``[1, C, P, P]`` of box ``k`` of ``plan`` on ``frames[frame_index]`` (float32 ``[T, C, S, S]``)."""
+    c, p = frames.shape[1], plan.patch
+    if out is None:
+        out = np.empty((1, c, p, p), np.float32)
+    _blend(frames[frame_index], plan, k, out[0].reshape(c * p, p))
+    return out
+
+
+def _blend(frame: np.ndarray, plan: CropPlan, k: int, patch: np.ndarray) -> None:
+    """Bilinear patch of box k into ``patch`` ``[C*P, P]``: the 2 neighbouring rows blended, then the 2
+    neighbouring columns of those (the 4 neighbours of every sample), zero weight outside the frame."""
+    y_lo, y_hi, wy_lo, wy_hi = plan.y
+    x_lo, x_hi, wx_lo, wx_hi = plan.x
+    c, size, p = frame.shape[0], plan.size, plan.patch
+    rows = np.take(frame, y_lo[k], axis=1)  # [C, P, S]
+    below = np.take(frame, y_hi[k], axis=1)
+    rows *= wy_lo[k][None, :, None]
+    below *= wy_hi[k][None, :, None]
+    rows += below  # the box's rows, blended vertically
+    flat_rows = rows.reshape(c * p, size)
+    np.take(flat_rows, x_lo[k], axis=1, out=patch)
+    right = np.take(flat_rows, x_hi[k], axis=1)
+    patch *= wx_lo[k]
+    right *= wx_hi[k]
+    patch += right
 
 
 def crop_cpu(frames: np.ndarray, boxes: np.ndarray, patch_size: int, indices: np.ndarray | None = None,
@@ -84,25 +135,9 @@ def crop_cpu(frames: np.ndarray, boxes: np.ndarray, patch_size: int, indices: np
         out = np.empty((n, c, p, p), np.float32)
     elif out.shape != (n, c, p, p) or out.dtype != np.float32 or not out.flags.c_contiguous:
         raise ValueError(f"out must be a contiguous float32 array {[n, c, p, p]}")
-    y_lo, y_hi, wy_lo, wy_hi = _axis(boxes[:, 0], boxes[:, 2], size, p)
-    x_lo, x_hi, wx_lo, wx_hi = _axis(boxes[:, 1], boxes[:, 3], size, p)
-    rows = np.empty((c, p, size), np.float32)
-    below = np.empty_like(rows)
-    right = np.empty((c * p, p), np.float32)
+    plan = plan_crop(boxes, size, p)
     for k in range(n):
-        frame = frames[fi[k]]
-        np.take(frame, y_lo[k], axis=1, out=rows)
-        np.take(frame, y_hi[k], axis=1, out=below)
-        rows *= wy_lo[k][None, :, None]
-        below *= wy_hi[k][None, :, None]
-        rows += below  # [C, P, S]: the box's rows, blended vertically
-        flat_rows = rows.reshape(c * p, size)
-        patch = out[k].reshape(c * p, p)
-        np.take(flat_rows, x_lo[k], axis=1, out=patch)
-        np.take(flat_rows, x_hi[k], axis=1, out=right)
-        patch *= wx_lo[k]
-        right *= wx_hi[k]
-        patch += right
+        _blend(frames[fi[k]], plan, k, out[k].reshape(c * p, p))
     return out
 
 

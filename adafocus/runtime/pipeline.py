@@ -23,6 +23,7 @@ import numpy as np
 from adafocus.bundle import Bundle, load_bundle
 from adafocus.errors import AdaFocusError, BundleError, EngineError
 from adafocus.runtime.budget import Budget, make_budget
+from adafocus.runtime.crop import crop_planned, plan_crop
 from adafocus.runtime.exits import confidence
 from adafocus.runtime.sampling import crop_boxes, focus_positions, segment_indices
 
@@ -243,13 +244,19 @@ class Pipeline:
         reason = "last"
         if self.family == "base":
             state = xp.zeros((1, int(self.manifest.stages["local"].inputs[1].shape[1])), np.float32)
+            tick = time.perf_counter()
+            plan = None if self._on_gpu else plan_crop(boxes, p.frame_size, p.patch_size)
+            t["crop"] += (time.perf_counter() - tick) * 1e3
             for k in range(n_steps):
                 if k + 1 > budget.max_steps:
                     reason = "budget"
                     break
                 tick = time.perf_counter()
-                patch = self._crop(frames, xp.asarray(boxes[k:k + 1]), p.patch_size,
-                                   xp.asarray(positions[k:k + 1]))
+                if plan is not None:  # CPU: the boxes' interpolation tables were made once, above
+                    patch = crop_planned(frames, plan, k, int(positions[k]))
+                else:
+                    patch = self._crop(frames, xp.asarray(boxes[k:k + 1]), p.patch_size,
+                                       xp.asarray(positions[k:k + 1]))
                 t["crop"] += (time.perf_counter() - tick) * 1e3
                 tick = time.perf_counter()
                 out = self.engines["local"].run({"patch": patch, "state": state, "context": context,
