@@ -83,6 +83,57 @@ def flops_cmd(
     typer.echo(report.format())
 
 
+# ---------------------------------------------------------------------------------------- data, training
+@app.command("demo-data")
+def demo_data_cmd(
+    out: Path = typer.Argument(..., help="Directory to create (train/val/test CSVs + mp4 videos)."),
+    videos: int = typer.Option(1500, "--videos", "-n", help="Number of videos over the three splits."),
+    seed: int = typer.Option(0, "--seed", help="Random seed; the same seed gives the same videos."),
+    frames: int = typer.Option(32, "--frames", help="Frames per video."),
+    size: int = typer.Option(128, "--size", help="Frame side in pixels."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace OUT if it is not empty."),
+):
+    """Generate the procedural labelled demo data set (a small textured target in a cluttered frame)."""
+    import time
+
+    from rich.progress import Progress
+
+    from adafocus.demo.data import generate
+
+    start = time.perf_counter()
+    with Progress(transient=True) as progress:
+        task = progress.add_task("videos", total=videos)
+        res = generate(out, videos=videos, seed=seed, overwrite=overwrite, frames=frames, size=size,
+                       progress=lambda done, total: progress.update(task, completed=done))
+    splits = ", ".join(f"{k} {v}" for k, v in res.counts.items())
+    typer.echo(f"wrote {sum(res.counts.values())} videos ({splits}; {len(res.classes)} classes) to {res.root} "
+               f"({res.bytes / 1e6:.1f} MB, {time.perf_counter() - start:.1f} s)")
+
+
+@app.command("train")
+def train_cmd(
+    data: Path = typer.Option(..., "--data", help="Data set directory with train/val/test.csv (video,label)."),
+    out: Path = typer.Option(..., "--out", help="Checkpoint to write (.pt)."),
+    preset: str = typer.Option("tiny", "--preset", help="Model preset (see `adafocus presets`)."),
+    dense: bool = typer.Option(False, "--dense", help="Train the dense baseline (local encoder on whole frames)."),
+    epochs: int = typer.Option(None, "--epochs", help="Epochs (default: TrainOptions.epochs)."),
+    batch_size: int = typer.Option(None, "--batch-size", help="Videos per step."),
+    lr: float = typer.Option(None, "--lr", help="Peak learning rate (cosine schedule)."),
+    optimizer: str = typer.Option(None, "--optimizer", help="adamw, or sgd (upstream's, with lr multipliers)."),
+    seed: int = typer.Option(None, "--seed", help="Random seed (weights, data order, sampling)."),
+    threads: int = typer.Option(None, "--threads", help="torch CPU threads (fixed, for reproducibility)."),
+    max_videos: int = typer.Option(None, "--max-videos", help="Use only the first videos of each split."),
+    progress: bool = typer.Option(True, "--progress/--no-progress", help="Show progress bars."),
+):
+    """Train the reference model on the CPU as Uni-AdaFocus does (one stage), or the dense baseline."""
+    from adafocus.training import TrainOptions, train
+
+    given = {"epochs": epochs, "batch_size": batch_size, "lr": lr, "optimizer": optimizer, "seed": seed,
+             "threads": threads, "max_videos": max_videos}
+    options = TrainOptions(preset=preset, dense=dense, **{k: v for k, v in given.items() if v is not None})
+    train(data, out, options, log=typer.echo, progress=progress)
+
+
 # ----------------------------------------------------------------------------------------------- export
 @app.command("export")
 def export_cmd(
