@@ -393,6 +393,8 @@ def run_cmd(
     budget: str = typer.Option(None, "--budget", "-b",
                                help="Per-video GFLOPs (e.g. 0.08) or a share of the dense cost (e.g. 30%)."),
     engine: str = typer.Option("auto", "--engine", "-e", help="auto, ort, ort-cuda, ort-tensorrt, tensorrt, torch."),
+    average: bool = typer.Option(False, "--average", help="Treat --budget as a calibrated average over videos "
+                                 "(single videos may spend more) instead of a hard per-video cap."),
     device: str = typer.Option("cpu", "--device", "-d", help="cpu or cuda[:N]."),
     topk: int = typer.Option(5, "--topk", help="How many classes to report."),
     as_json: bool = typer.Option(False, "--json", help="One JSON object per video on stdout."),
@@ -409,11 +411,12 @@ def run_cmd(
         raise typer.BadParameter("no videos found")
     with Pipeline.from_bundle(bundle, engine=engine, device=device, threads=threads,
                               checkpoint=checkpoint) as pipe:
-        plan = pipe.budget(budget)  # a malformed or too small budget fails here, before any video
+        plan = pipe.budget(budget, average)  # a malformed or too small budget fails here, before any video
         pipe.keep_decoded = save_vis is not None
         if not as_json:
+            kind = "on average" if plan.average else "per video"
             typer.echo(f"bundle {bundle} | engine {pipe.engine_name} on {device} | budget {plan.gflops:.4g} GFLOPs"
-                       f" per video (<= {plan.max_steps} focus steps"
+                       f" {kind} (<= {plan.max_steps} focus steps"
                        + (f", thresholds calibrated for {plan.calibrated_for:.4g})" if plan.thresholds else
                           ", no calibrated thresholds: no early exit)"), err=True)
         results, failures = _run_videos(pipe, paths, plan, topk, as_json, save_vis)

@@ -117,15 +117,20 @@ def test_per_video_cap_limits_the_schedule():
         check_budget(0.11, COSTS, 0.1)
 
 
-def test_runtime_uses_a_calibrated_average_budget():
-    """With thresholds calibrated for B <= the budget asked, the per-video cap is the entry's max_gflops (an
-    average budget); below every calibrated budget the budget stays a hard per-video cap."""
+def test_runtime_budget_is_a_hard_cap_unless_average():
+    """By default a budget is a hard per-video cap, with the thresholds calibrated for the largest average
+    not above it; with average=True the calibrated entry's max_gflops is the per-video cap."""
     table = [{"budget_gflops": 0.07, "thresholds": [1.0] * 8 + [None], "max_gflops": COSTS[-1]}]
-    b = make_budget(0.075, COSTS, table)
-    assert b.calibrated_for == 0.07 and b.max_steps == 8 and b.gflops == 0.075
+    capped = make_budget(0.075, COSTS, table)
+    assert capped.calibrated_for == 0.07 and capped.max_steps == 3 and not capped.average
+    assert COSTS[capped.max_steps] <= 0.075 < COSTS[capped.max_steps + 1]
+    avg = make_budget(0.075, COSTS, table, average=True)
+    assert avg.calibrated_for == 0.07 and avg.max_steps == 8 and avg.gflops == 0.075 and avg.average
     below = make_budget(0.055, COSTS, table)
     assert below.max_steps == 1 and below.thresholds == tuple(table[0]["thresholds"])
     assert make_budget(0.075, COSTS).max_steps == 3  # uncalibrated: a hard cap
+    with pytest.raises(BudgetError, match="calibrated"):
+        make_budget(0.075, COSTS, average=True)
 
 
 def test_gate_comparison_of_identical_and_shifted_caches():
@@ -192,7 +197,7 @@ def test_calibrated_table_drives_the_runtime(setup, tmp_path):
     # what the offline evaluation predicts is what the runtime does, video by video
     held = result.heldout
     with Pipeline.from_bundle(work, threads=1) as pipe:
-        plan = pipe.budget("0.07")
+        plan = pipe.budget("0.07", average=True)  # the calibrated average, as held-out evaluation runs it
         assert plan.calibrated_for == 0.07
         expected = exits_under(held.scores(), list(plan.thresholds), plan.max_steps)
         got = [pipe(v, budget=plan).exit_step for v in held.videos]

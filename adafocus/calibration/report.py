@@ -166,7 +166,7 @@ def compare_caches(ref: ExitCache, test: ExitCache, table: list[dict], criterion
     e = len(costs)
     points: list[tuple[str, float | None, list | None, int]] = [("full (no exit)", None, None, e - 1)]
     for entry in sorted(table, key=lambda x: x["budget_gflops"]):
-        b = make_budget(float(entry["budget_gflops"]), costs, table)
+        b = make_budget(float(entry["budget_gflops"]), costs, table, average=True)
         points.append((f"budget {entry['budget_gflops']:.4g}", float(entry["budget_gflops"]), list(b.thresholds or []),
                        b.max_steps))
     s_ref, s_test = ref.scores(criterion), test.scores(criterion)

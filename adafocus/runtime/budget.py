@@ -6,11 +6,13 @@ cost a video reports never exceeds its budget. Within that cap, the video exits 
 confidence reaches the threshold calibrated for the budget (none calibrated: no early exit).
 
 Calibrated budgets (``adafocus calibrate thresholds``) are *averages* over a data set, as in Uni-AdaFocus:
-some videos spend more than the average, others less. A table entry solved for ``B`` records the per-video
-cap it assumed (``max_gflops``, the full model by default); when the runtime uses an entry calibrated for
-a budget not above the one asked, that cap replaces the budget as the per-video cap, so that the average
-stays at or below the budget asked (on data like the calibration set). Below every calibrated budget the
-budget stays a hard per-video cap.
+some videos spend more than the average, others less. Two ways to use them:
+
+- ``--budget B`` (the default, a hard cap): every video stops by B, and the thresholds are those calibrated
+  for the largest average budget not above B, so the average stays at or below B as well;
+- ``--budget B --average``: B is the average to aim at: the thresholds calibrated for B (the largest entry
+  not above it), and the per-video cap that calibration assumed (``max_gflops``, the full model by
+  default), so single videos may spend more than B while the average on data like the calibration set is B.
 """
 
 from __future__ import annotations
@@ -22,10 +24,11 @@ from adafocus.errors import BudgetError
 
 @dataclass(frozen=True)
 class Budget:
-    gflops: float  # the budget asked: per-video cap, or the average when calibrated thresholds are used
+    gflops: float  # the budget asked: the per-video cap, or with ``average`` the average to aim at
     max_steps: int  # focus steps that fit under the per-video cap
     thresholds: tuple[float | None, ...] | None  # per-exit thresholds, None: no early exit
     calibrated_for: float | None = None  # the calibrated budget whose thresholds are used
+    average: bool = False  # True: gflops is an average (per-video cap = the calibration's max_gflops)
 
 
 def parse_budget(text: str | float | None, exits: list[float], dense: float | None = None) -> float:
@@ -83,11 +86,16 @@ def thresholds_for(budget: float, table: list[dict]) -> tuple[tuple | None, floa
 
 
 def make_budget(text: str | float | None, exits: list[float], table: list[dict] | None = None,
-                dense: float | None = None) -> Budget:
+                dense: float | None = None, average: bool = False) -> Budget:
+    """A budget for a bundle with cumulative exit costs ``exits`` and calibrated ``table`` (see the module
+    docstring for the hard-cap default and ``average``)."""
     gflops = parse_budget(text, exits, dense)
     entry = calibrated_entry(gflops, table or [])
     cap = gflops
-    if entry is not None and entry["budget_gflops"] <= gflops * (1 + 1e-9):
-        cap = max(gflops, float(entry.get("max_gflops", gflops)))  # an average budget: see the module docstring
+    if average:
+        if entry is None:
+            raise BudgetError("an average budget needs calibrated exit thresholds: run `adafocus calibrate "
+                              "thresholds BUNDLE --data DIR` first, or drop --average for a per-video cap")
+        cap = max(gflops, float(entry.get("max_gflops", exits[-1])))
     thresholds, calibrated = thresholds_for(gflops, table or [])
-    return Budget(gflops, max_steps_within(cap, exits), thresholds, calibrated)
+    return Budget(gflops, max_steps_within(cap, exits), thresholds, calibrated, average)

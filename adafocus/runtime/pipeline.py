@@ -171,10 +171,11 @@ class Pipeline:
         self.close()
 
     # ---------------------------------------------------------------------------------------- budgets
-    def budget(self, budget: str | float | None = None) -> Budget:
-        """Parse a budget ('0.08' GFLOPs, '30%' of the dense cost, None = full model) for this bundle."""
+    def budget(self, budget: str | float | None = None, average: bool = False) -> Budget:
+        """Parse a budget ('0.08' GFLOPs, '30%' of the dense cost, None = full model) for this bundle: a hard
+        per-video cap, or with ``average`` the calibrated average to aim at (see adafocus.runtime.budget)."""
         table = list(self.manifest.exit.thresholds.values())
-        return make_budget(budget, self.exits, table, self.dense)
+        return make_budget(budget, self.exits, table, self.dense, average)
 
     # ----------------------------------------------------------------------------------------- decode
     def sample_indices(self, num_frames: int) -> np.ndarray:
