@@ -85,9 +85,8 @@ def _randomise(model):
         for name, t in model.state_dict().items():
             if name.endswith("running_mean"):
                 t.copy_(torch.randn(t.shape, generator=g) * 0.1)
-            elif name.endswith("running_var"):
-                t.copy_(torch.rand(t.shape, generator=g) + 0.5)
-            elif name.endswith(("bn1.weight", "bn2.weight", "bn3.weight")) or ".1.weight" in name and t.dim() == 1:
+            elif name.endswith(("running_var", "bn1.weight", "bn2.weight", "bn3.weight")) or (
+                    ".1.weight" in name and t.dim() == 1):  # variances and BN scales: positive, near 1
                 t.copy_(torch.rand(t.shape, generator=g) + 0.5)
 
 
