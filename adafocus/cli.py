@@ -134,6 +134,21 @@ def train_cmd(
     train(data, out, options, log=typer.echo, progress=progress)
 
 
+@app.command("demo-build")
+def demo_build_cmd(
+    model: Path = typer.Option(..., "--model", help="Trained adafocus checkpoint (adafocus train)."),
+    data: Path = typer.Option(..., "--data", help="Its data set (val to calibrate, test held out and samples)."),
+    out: Path = typer.Option(..., "--out", help="Assets directory to (re)create: OUT/bundle, OUT/videos."),
+    dense: Path = typer.Option(None, "--dense", help="Dense baseline checkpoint (adafocus train --dense)."),
+    budgets: str = typer.Option(None, "--budgets", help="Average GFLOPs budgets to calibrate (default: a spread)."),
+    samples: int = typer.Option(3, "--samples", help="Sample videos to copy (one per class)."),
+):
+    """Build the shipped demo: export, add the dense baseline, calibrate thresholds, copy sample videos."""
+    from adafocus.demo.build import build_demo
+
+    build_demo(model, data, out, dense_checkpoint=dense, budgets=budgets, samples=samples, log=typer.echo)
+
+
 # ----------------------------------------------------------------------------------------------- export
 @app.command("export")
 def export_cmd(
