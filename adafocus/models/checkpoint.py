@@ -8,6 +8,7 @@ mismatch is reported as one readable block of missing / unexpected / shape-misma
 
 from __future__ import annotations
 
+import json
 import os
 import tempfile
 from pathlib import Path
@@ -31,8 +32,10 @@ CLASS_KEYS = ("classifier.local_classifiers.0.1.weight", "global_CNN_fc.1.weight
 def save(model: torch.nn.Module, path: str | Path, preset: str | None = None, extra: dict | None = None) -> Path:
     """Write ``model`` (config + state_dict) atomically; ``extra`` (e.g. 'training') is stored beside."""
     path = Path(path)
+    # metadata as plain JSON types (a TorchVersion or numpy float would make weights_only loading refuse it)
+    extra = json.loads(json.dumps(extra or {}, default=_plain))
     payload = {"format": FORMAT, "format_version": FORMAT_VERSION, "preset": preset,
-               "config": model.cfg.to_dict(), "state_dict": model.state_dict(), **(extra or {})}
+               "config": model.cfg.to_dict(), "state_dict": model.state_dict(), **extra}
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
     os.close(fd)
@@ -43,6 +46,13 @@ def save(model: torch.nn.Module, path: str | Path, preset: str | None = None, ex
         if os.path.exists(tmp):
             os.unlink(tmp)
     return path
+
+
+def _plain(value):
+    """JSON fallback for metadata values: numbers stay numbers, anything else becomes its text."""
+    if hasattr(value, "item") and callable(value.item):
+        return value.item()
+    return str(value)
 
 
 def read(path: str | Path) -> dict:
