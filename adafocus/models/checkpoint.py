@@ -65,6 +65,10 @@ def read(path: str | Path) -> dict:
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # noqa: BLE001 - torch raises many types for a bad file
+        if "Unsupported global" in str(exc):
+            found = str(exc).split("GLOBAL", 1)[-1].split(" was not", 1)[0].strip()
+            raise CheckpointError(f"{path} holds Python objects besides tensors and plain data ({found}); "
+                                  "adafocus does not unpickle those: re-save the weights") from exc
         raise CheckpointError(f"cannot read checkpoint {path}: not a PyTorch checkpoint, truncated or "
                               f"corrupted ({type(exc).__name__})") from exc
     if not isinstance(obj, dict):
