@@ -36,10 +36,10 @@ for _p, _k in ((96, 8), (96, 12), (128, 12), (128, 16)):
              ModelConfig(family="tsm", num_classes=174, num_segments=3 * _k, num_glance=8, num_focus=_k,
                          patch_size=_p, dropout=0.5, fc_dropout=0.5))
 
-register("tiny", "demo/test model: MobileNetV2-0.25 glance at 64 px + ResNet-18/16 on 48 px patches, 16 "
-         "candidates, 8 glance + 8 focus, frames 128 px; a few MFLOPs a step; 10 classes",
+register("tiny", "demo/test model: MobileNetV2-0.25 glance at 64 px + ResNet-18/16 on 64 px patches, 16 "
+         "candidates, 8 glance + 8 focus, frames 128 px; about 11 MFLOPs a step; 10 classes",
          ModelConfig(family="base", num_classes=10, frame_size=128, resize_size=128, glance_size=64,
-                     num_segments=16, num_glance=8, num_focus=8, patch_size=48, crop_min=32, crop_max=96,
+                     num_segments=16, num_glance=8, num_focus=8, patch_size=64, crop_min=48, crop_max=96,
                      glance_width=0.25, glance_last_channel=256, local_arch="resnet18", local_width=16,
                      stn_hidden_dim=32, temporal_hidden_dim=16, mlp_dim=256, dropout=0.1, fc_dropout=0.1))
 
