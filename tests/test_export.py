@@ -82,7 +82,7 @@ def test_tiny_export_writes_a_verified_bundle(tiny_ckpt, tiny_export):
     local = m.stages["local"]
     assert [t.name for t in local.inputs] == ["patch", "state", "context", "step"]
     assert [t.name for t in local.outputs] == ["logits", "new_state"]
-    assert local.inputs[0].shape == ["batch", 3, 48, 48] and local.inputs[3].dtype == "int64"
+    assert local.inputs[0].shape == ["batch", 3, 64, 64] and local.inputs[3].dtype == "int64"
     for st in m.stages.values():
         for t in st.inputs + st.outputs:
             assert t.shape[0] == "batch" and all(isinstance(d, int) for d in t.shape[1:])
@@ -252,7 +252,7 @@ def test_adafocus_export_entry_point_runs_in_a_subprocess(tiny_export):
 def test_inspect_prints_summary_and_readiness(tiny_export, capsys):
     code, out, _ = _cli(main, ["inspect", tiny_export[0].path], capsys)
     assert code == 0
-    for word in ("preset tiny", "local.onnx", "GFLOPs", "patch: float32[batch, 3, 48, 48]", "verified   passed"):
+    for word in ("preset tiny", "local.onnx", "GFLOPs", "patch: float32[batch, 3, 64, 64]", "verified   passed"):
         assert word in out, out
     assert "readiness" in out.lower()
     code, out, _ = _cli(main, ["inspect", tiny_export[0].path, "--json"], capsys)
