@@ -29,6 +29,7 @@ import numpy as np
 from adafocus.errors import AdaFocusError
 from adafocus.runtime.budget import Budget
 from adafocus.runtime.exits import confidence
+from adafocus.runtime.pipeline import _host, _passes, _softmax  # the step loop's own helpers, shared
 from adafocus.runtime.sampling import crop_boxes, focus_positions, segment_indices
 
 
@@ -323,32 +324,6 @@ def dense_frames(pipe, path: str | os.PathLike) -> np.ndarray:
     p = pipe.pre
     decoded = decode_frames(path, indices_fn=lambda n: segment_indices(n, p.candidates), short_side=p.resize_size)
     return pipe.preprocess(decoded.frames)
-
-
-# ------------------------------------------------------------------------------------------- helpers
-def _passes(thresholds, k: int, score: float) -> bool:
-    if thresholds is None or k >= len(thresholds) or thresholds[k] is None:
-        return False
-    return score >= float(thresholds[k])
-
-
-def _host(x: Any) -> np.ndarray:
-    if isinstance(x, np.ndarray):
-        return x
-    if hasattr(x, "get"):  # cupy
-        return x.get()
-    if hasattr(x, "numpy"):  # OrtValue / torch
-        try:
-            return x.numpy()
-        except TypeError:
-            return x.cpu().numpy()
-    return np.asarray(x)
-
-
-def _softmax(x: np.ndarray) -> np.ndarray:
-    z = np.asarray(x, np.float64)
-    z = np.exp(z - z.max())
-    return z / z.sum()
 
 
 __all__ = ["BatchStats", "BatchedResult", "BatchedRunner", "dense_batched", "dense_frames"]
