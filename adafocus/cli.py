@@ -123,13 +123,15 @@ def train_cmd(
     seed: int = typer.Option(None, "--seed", help="Random seed (weights, data order, sampling)."),
     threads: int = typer.Option(None, "--threads", help="torch CPU threads (fixed, for reproducibility)."),
     max_videos: int = typer.Option(None, "--max-videos", help="Use only the first videos of each split."),
+    init_local: Path = typer.Option(None, "--init-local", help="Start the local encoder from this checkpoint's "
+                                    "(e.g. the dense baseline's), as upstream starts from ImageNet weights."),
     progress: bool = typer.Option(True, "--progress/--no-progress", help="Show progress bars."),
 ):
     """Train the reference model on the CPU as Uni-AdaFocus does (one stage), or the dense baseline."""
     from adafocus.training import TrainOptions, train
 
     given = {"epochs": epochs, "batch_size": batch_size, "lr": lr, "optimizer": optimizer, "seed": seed,
-             "threads": threads, "max_videos": max_videos}
+             "threads": threads, "max_videos": max_videos, "init_local": str(init_local) if init_local else None}
     options = TrainOptions(preset=preset, dense=dense, **{k: v for k, v in given.items() if v is not None})
     train(data, out, options, log=typer.echo, progress=progress)
 

@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from adafocus.demo.data import CLASSES, generate
+from adafocus.errors import AdaFocusError
 from adafocus.models.checkpoint import load, read
 from adafocus.models.dense import DenseBaseline, load_dense
 from adafocus.models.presets import preset_config
@@ -67,6 +68,20 @@ def test_dense_baseline_trains_and_loads(data, tmp_path):
     from adafocus.models.flops import count_model_flops
 
     assert res.gflops[0] > 3 * count_model_flops(adaptive).exits[-1]
+
+    # the adaptive model can start its local encoder from the dense baseline's (the demo does)
+    logs: list[str] = []
+    warm = tmp_path / "warm.pt"
+    train(data, warm, _options(epochs=1, eval_every=1, max_videos=8, init_local=str(tmp_path / "dense.pt"),
+                               lr=1e-9, warmup_epochs=0), log=logs.append, progress=False)
+    assert any("local encoder initialised from" in line for line in logs)
+    started = load(warm).local_CNN.state_dict()
+    dense_conv = model.local_CNN.state_dict()["conv1.weight"]
+    assert torch.allclose(started["conv1.weight"], dense_conv, atol=1e-6)
+    with pytest.raises(AdaFocusError, match="local_CNN does not match"):
+        train(data, tmp_path / "bad.pt", _options(epochs=1, max_videos=8, init_local=str(tmp_path / "dense.pt"),
+                                                  config={**SMALL_MODEL, "local_width": 8}),
+              log=lambda s: None, progress=False)
 
 
 def _trained_adaptive(data, tmp_path):

@@ -11,8 +11,8 @@ Each video shows one small square (the *target*) moving over a large cluttered f
   two colours, so all textures look the same on frames shrunk by 2 (the tiny preset's 64 px glance of
   128 px frames) and differ on a patch cut at (nearly) full resolution: the glance alone can reach at best
   1 / (number of textures) of the accuracy that patches allow;
-- shown only while the target is **lit**, a window of 30-60 % of the video; unlit, the target is a plain
-  grey square like the decoys. Which frames matter thus differs per video: the temporal policy's job.
+- shown only while the target is **lit**, a window of 50-100 % of the video; unlit, the target is a grey
+  square in a tinted border. Which frames matter thus differs per video: the temporal policy's job.
 
 Labels are ``<tint>-<texture>`` (10 classes by default). Decoy squares (grey, untextured), drifting shapes
 and a smooth background make the clutter. Everything is drawn from ``numpy.random.default_rng`` seeded per
@@ -70,11 +70,13 @@ class DemoDataConfig:
     frames: int = 32
     size: int = 128  # square frames
     fps: int = 16
-    target_size: tuple[int, int] = (24, 32)  # side of the target square (even, so textures stay balanced)
+    target_size: tuple[int, int] = (36, 44)  # side of the target square (even, so textures stay balanced)
     border: int = 2  # width of the tinted border
     speed: tuple[float, float] = (0.5, 2.5)  # target speed, pixels per frame
-    lit_fraction: tuple[float, float] = (0.3, 0.6)  # share of the video during which the target is readable
-    decoys: tuple[int, int] = (2, 4)  # grey squares that look like the unlit target
+    lit_fraction: tuple[float, float] = (0.5, 1.0)  # share of the video during which the target is readable
+    unlit_border: bool = True  # unlit, the target keeps its tinted border (only its texture goes)
+    decoys: tuple[int, int] = (1, 3)  # grey squares that look like an unlit target without its tint
+    decoy_size: tuple[int, int] = (16, 32)
     shapes: tuple[int, int] = (8, 14)  # background clutter
     split: tuple[float, float, float] = (0.7, 0.15, 0.15)  # train / val / test shares
     classes: tuple[str, ...] = field(default=CLASSES)
@@ -84,7 +86,7 @@ class DemoDataConfig:
             raise DataError(f"need at least {len(SPLITS)} videos (one per split), got {self.videos}")
         if self.frames < 2 or self.size < 32:
             raise DataError("need at least 2 frames of at least 32x32 pixels")
-        if self.border % 2 or self.target_size[0] % 2 or self.size % 2:
+        if self.border % 2 or self.target_size[0] % 2 or self.decoy_size[0] % 2 or self.size % 2:
             raise DataError("border, target size and frame size must be even (see _Mover.at)")
         if self.target_size[1] + 4 > self.size:
             raise DataError(f"target of {self.target_size[1]} px does not fit {self.size} px frames")
@@ -186,9 +188,9 @@ def render_video_track(cfg: DemoDataConfig, label: int, rng: np.random.Generator
     target = _mover(rng, s, side, cfg.speed)
     decoys = []
     for _ in range(int(rng.integers(cfg.decoys[0], cfg.decoys[1] + 1))):
-        d_side = int(rng.integers(cfg.target_size[0] // 2, cfg.target_size[1] // 2 + 1)) * 2
+        d_side = int(rng.integers(cfg.decoy_size[0] // 2, cfg.decoy_size[1] // 2 + 1)) * 2
         decoys.append((_mover(rng, s, d_side, cfg.speed), _muted(rng), int(rng.uniform(100, 156))))
-    unlit_edge = np.array(_muted(rng), np.uint8)
+    unlit_edge = tint if cfg.unlit_border else np.array(_muted(rng), np.uint8)
 
     frames = np.empty((n, s, s, 3), np.uint8)
     track = Track(np.zeros((n, 4), np.int16), np.zeros(n, bool))

@@ -40,6 +40,7 @@ class TrainOptions:
     lr: float = 2e-3
     weight_decay: float = 1e-4
     optimizer: str = "adamw"  # 'sgd': upstream's SGD (momentum 0.9) with its per-module lr multipliers
+    grad_clip: float | None = 20.0  # max gradient norm (upstream's TSM training clips at 20; base does not)
     warmup_epochs: float = 1.0  # linear warm-up, then cosine decay to 0 (per iteration)
     norm_ratio: float = 1.0  # weight of mean((scale - 1)^2) on the spatial policy's box scales
     mc_samples: int = 32  # Monte-Carlo samples of the temporal head (upstream: 128)
@@ -49,6 +50,7 @@ class TrainOptions:
     max_videos: int | None = None  # use only the first videos of each split (quick runs, tests)
     eval_batch: int = 32
     eval_every: int = 5  # validate every that many epochs, and in the last 3 (upstream: every 5, last 10)
+    init_local: str | None = None  # start local_CNN from this checkpoint's (e.g. the dense baseline's)
     config: dict = field(default_factory=dict)  # overrides of the preset's ModelConfig fields
 
     def validate(self) -> None:
@@ -100,8 +102,9 @@ def evaluate(model: torch.nn.Module, clips: Clips, batch_size: int = 32) -> list
 
 # -------------------------------------------------------------------------------------------- training
 def param_groups(model: torch.nn.Module, options: TrainOptions) -> list[dict]:
-    """Upstream's lr multipliers for SGD (policies 0.2, glance 0.5, local 1, classifier 20); one group for
-    AdamW, whose per-parameter scaling makes the multipliers meaningless."""
+    """Per-module lr multipliers. SGD: upstream's (policies 0.2, glance 0.5, local 1, classifier 20), whose
+    classifier x20 makes up for heads that start from scratch beside ImageNet-initialised backbones. AdamW:
+    one rate for all, since here every module starts from scratch (and Adam scales steps per parameter)."""
     if options.optimizer != "sgd" or isinstance(model, DenseBaseline):
         return [{"params": list(model.parameters()), "lr_mult": 1.0}]
     mults = {"temporal_policy": 0.2, "spatial_policy": 0.2, "global_CNN": 0.5, "global_CNN_fc": 0.5,
@@ -138,7 +141,28 @@ def _train_step(model, frames: np.ndarray, labels: np.ndarray, options: TrainOpt
     if not torch.isfinite(parts["loss"]):
         raise AdaFocusError(f"training diverged (loss {float(parts['loss'])}); try a lower --lr")
     parts["loss"].backward()
+    if options.grad_clip:
+        torch.nn.utils.clip_grad_norm_(model.parameters(), options.grad_clip)
     return {k: float(v.detach()) if torch.is_tensor(v) else float(v) for k, v in parts.items()}
+
+
+def init_local_encoder(model: torch.nn.Module, path: str | Path) -> str:
+    """Copy ``local_CNN.*`` weights from another checkpoint (adafocus's, dense or adaptive) into ``model``.
+
+    Upstream starts both encoders from ImageNet weights; the demo has no such weights, so it may start the
+    local encoder from the dense baseline trained on the same data (the same ResNet on whole frames).
+    """
+    from adafocus.models.checkpoint import read
+
+    state = read(path)["state_dict"]
+    prefix = "local_CNN."
+    theirs = {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
+    mine = model.local_CNN.state_dict()
+    if set(theirs) != set(mine) or any(theirs[k].shape != mine[k].shape for k in mine):
+        raise AdaFocusError(f"{path}: its local_CNN does not match this model's "
+                            f"({len(theirs)} vs {len(mine)} tensors, or different shapes)")
+    model.local_CNN.load_state_dict(theirs)
+    return f"local encoder initialised from {path}"
 
 
 def build_config(preset: str, classes: list[str], overrides: dict) -> ModelConfig:
@@ -147,10 +171,12 @@ def build_config(preset: str, classes: list[str], overrides: dict) -> ModelConfi
 
 
 def train(data: str | Path, out: str | Path, options: TrainOptions | None = None,
-          log: Callable[[str], None] = print, progress: bool = True) -> TrainResult:
+          log: Callable[[str], None] = print, progress: bool = True,
+          on_epoch: Callable[[int, torch.nn.Module, dict], None] | None = None) -> TrainResult:
     """Train on ``data`` (a directory with train/val/test CSVs, see :mod:`adafocus.dataset`), write ``out``.
 
-    ``log`` gets one line per epoch; ``progress`` shows rich progress bars for decoding and training.
+    ``log`` gets one line per epoch; ``progress`` shows rich progress bars for decoding and training;
+    ``on_epoch(epoch, model, record)`` is called after each epoch (the model in train mode).
     The checkpoint is adafocus's format with a ``training`` record (options, seed, data sizes, epochs,
     best epoch, accuracies, time); the dense baseline's also has ``model: 'dense'``.
     """
@@ -187,6 +213,8 @@ def train(data: str | Path, out: str | Path, options: TrainOptions | None = None
         + f" videos ({time.perf_counter() - started:.1f} s to decode)")
 
     model = DenseBaseline(cfg) if options.dense else UniAdaFocus(cfg)
+    if options.init_local:
+        log(init_local_encoder(model, options.init_local))
     model.train()
     _memory_format(model, torch.channels_last)
     groups = param_groups(model, options)
@@ -229,6 +257,8 @@ def train(data: str | Path, out: str | Path, options: TrainOptions | None = None
                     best = (val[-1], epoch, {k: v.detach().clone() for k, v in model.state_dict().items()})
                 exits = f"val {val[-1]:.1%}" if len(val) == 1 else f"val exit0 {val[0]:.1%} final {val[-1]:.1%}"
             history.append(record)
+            if on_epoch is not None:
+                on_epoch(epoch, model, record)
             terms = " ".join(f"{k} {record[k]:.3f}" for k in sums if k != "loss")
             line = (f"epoch {epoch:>3}/{options.epochs} loss {record['loss']:.4f}" + (f" ({terms})" if terms else "")
                     + (f" {exits}" if exits else "") + f" [{record['seconds']:.0f} s, lr {lr:.2e}]")
