@@ -263,3 +263,33 @@ def test_cli_errors_are_one_line_and_leave_the_bundle(setup, tmp_path, capsys):
     assert _digest(bundle) == before
     with pytest.raises(DataError, match="not among the bundle.s 1 classes: zebra"):
         load_labelled(bad, "val", ["amber-checker"])
+
+
+def test_dense_reference_beside_the_thresholds(setup, tmp_path):
+    """With a dense baseline in the bundle, the calibration reports (and plots) its held-out top-1, the same
+    decisions the benchmark's dense path makes."""
+    import shutil
+
+    from adafocus.bench.runner import time_dense
+    from adafocus.calibration.collect import dense_reference
+    from adafocus.engines.registry import create_engine
+    from adafocus.export.dense import add_dense
+
+    bundle, data = setup
+    work = tmp_path / "b"
+    shutil.copytree(bundle, work)
+    add_dense(work, None, log=lambda s: None)
+    result = calibrate_thresholds(work, data, "0.07", calib_split="train", heldout_split="test", write=False,
+                                  plot=tmp_path / "plot.png")
+    dense = result.dense
+    assert dense is not None and dense.split == "test" and dense.n == len(result.heldout)
+    assert dense.gflops == load_bundle(work).manifest.costs.dense
+    with Pipeline.from_bundle(work, threads=1) as pipe:
+        engine = create_engine("ort", str(pipe.bundle.stage_path("dense")), threads=1)
+        labels = [time_dense(pipe, engine, v)[1] for v in result.heldout.videos]
+        truth = [pipe.labels[i] for i in result.heldout.labels]
+        assert dense.accuracy == pytest.approx(np.mean([a == b for a, b in zip(labels, truth, strict=True)]))
+        videos, _ = load_labelled(data, "test", pipe.labels)
+        assert dense_reference(pipe, videos, np.full(len(videos), -1), "test") is None  # unlabelled
+    assert "dense baseline:" in result.format() and result.to_dict()["dense"]["n"] == dense.n
+    assert (tmp_path / "plot.png").stat().st_size > 1000

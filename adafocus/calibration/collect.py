@@ -191,6 +191,45 @@ def collect(pipe, videos: Sequence[LabelledVideo | str | os.PathLike], labels: n
 _STAGES = ("glance", "policy", "crop", "local")
 
 
+@dataclass
+class DenseReference:
+    """The bundle's dense baseline on a labelled split: the point the adaptive curve is compared with."""
+
+    split: str
+    n: int
+    gflops: float  # per video
+    accuracy: float  # top-1, 0..1
+
+    def to_dict(self) -> dict:
+        return {"split": self.split, "n": self.n, "gflops": self.gflops, "accuracy": round(self.accuracy, 6)}
+
+
+def dense_reference(pipe, videos: Sequence[LabelledVideo], labels: np.ndarray, split: str,
+                    threads: int | None = None) -> DenseReference | None:
+    """Top-1 of the bundle's ``dense.onnx`` (onnxruntime, CPU) on ``videos``; None without a dense stage or
+    without labels. Same candidate frames and preprocessing as the adaptive model."""
+    from adafocus.engines.registry import create_engine
+    from adafocus.runtime.decode import decode_frames
+    from adafocus.runtime.sampling import segment_indices
+
+    bundle = pipe.bundle
+    gflops = float(getattr(bundle.manifest.costs, "dense", 0.0) or 0.0)
+    if not bundle.has_stage("dense") or not gflops or not len(videos) or (np.asarray(labels) < 0).any():
+        return None
+    engine = create_engine("ort", str(bundle.stage_path("dense")), **({"threads": threads} if threads else {}))
+    p = pipe.pre
+    correct = 0
+    try:
+        for video, label in zip(videos, labels, strict=True):
+            decoded = decode_frames(video.path, indices_fn=lambda n: segment_indices(n, p.candidates),
+                                    short_side=p.resize_size)
+            logits = np.asarray(engine.run({"frames": pipe.preprocess(decoded.frames)[None]})["logits"])
+            correct += int(np.argmax(logits[0]) == int(label))
+    finally:
+        engine.close()
+    return DenseReference(split, len(videos), gflops, correct / len(videos))
+
+
 def _pad(x, shape: tuple[int, ...], fill, dtype) -> np.ndarray:
     """``x`` cut or padded with ``fill`` to ``shape`` (K rows whatever the policy returned)."""
     x = np.asarray(x, dtype)

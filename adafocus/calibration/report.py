@@ -20,8 +20,9 @@ from adafocus.runtime.budget import make_budget
 
 
 # ------------------------------------------------------------------------------------------ thresholds
-def format_thresholds(solutions: list[ThresholdSolution], costs=None) -> str:
-    """One row per budget: GFLOPs and top-1 on the calibration and held-out splits, and q."""
+def format_thresholds(solutions: list[ThresholdSolution], costs=None, dense=None) -> str:
+    """One row per budget: GFLOPs and top-1 on the calibration and held-out splits, and q; then the dense
+    baseline's GFLOPs and top-1 (a :class:`~adafocus.calibration.collect.DenseReference`) when given."""
     if not solutions:
         return "no budgets"
     cal = solutions[0].calibration
@@ -40,13 +41,17 @@ def format_thresholds(solutions: list[ThresholdSolution], costs=None) -> str:
         lines.append(row)
     if costs is not None:
         lines.append("exit costs (GFLOPs): " + ", ".join(f"{c:.4g}" for c in costs))
+    if dense is not None:
+        lines.append(f"dense baseline: {dense.gflops:.4g} GFLOPs per video, top-1 {_pct(dense.accuracy)} on "
+                     f"{dense.n} {dense.split} videos")
     return "\n".join(lines)
 
 
 def plot_thresholds(solutions: list[ThresholdSolution], out: str | os.PathLike, calibration: ExitCache | None = None,
-                    heldout: ExitCache | None = None, title: str = "") -> Path:
-    """Accuracy vs average GFLOPs: the calibrated budgets on both splits, and (dashed) every video stopping
-    at the same exit. Needs matplotlib (``pip install 'adafocus[plot]'``)."""
+                    heldout: ExitCache | None = None, title: str = "", dense=None) -> Path:
+    """Accuracy vs average GFLOPs: the calibrated budgets on both splits, (dashed) every video stopping at
+    the same exit (the first point is glance only), and the dense baseline (a star, with a log GFLOPs axis).
+    Needs matplotlib (``pip install 'adafocus[plot]'``)."""
     require("matplotlib", "plot", "the calibration plot")
     import matplotlib
 
@@ -66,7 +71,22 @@ def plot_thresholds(solutions: list[ThresholdSolution], out: str | os.PathLike, 
                     label=f"fixed exit k, {cache.split}")
     for s in solutions:
         ax.axvline(s.budget_gflops, color="lightgrey", lw=0.8, zorder=0)
-    ax.set_xlabel("average GFLOPs per video")
+    ref = heldout if heldout is not None else calibration
+    if ref is not None and (ref.labels >= 0).all():
+        ax.annotate("glance only", (ref.costs[0], 100 * ref.accuracy_per_exit()[0]), textcoords="offset points",
+                    xytext=(6, -4), fontsize=8)
+    if dense is not None:
+        ax.plot([dense.gflops], [100 * dense.accuracy], "*", ms=13, color="crimson",
+                label=f"dense baseline, {dense.split}")
+        from matplotlib.ticker import FixedLocator, FormatStrFormatter, NullFormatter
+
+        ax.set_xscale("log")
+        lo, hi = ax.get_xlim()
+        ticks = [t * 10.0 ** e for e in range(-4, 4) for t in (1, 2, 5) if lo <= t * 10.0 ** e <= hi]
+        ax.xaxis.set_major_locator(FixedLocator(ticks))
+        ax.xaxis.set_major_formatter(FormatStrFormatter("%g"))
+        ax.xaxis.set_minor_formatter(NullFormatter())
+    ax.set_xlabel("average GFLOPs per video" + (" (log scale)" if dense is not None else ""))
     ax.set_ylabel("top-1 (%)")
     ax.set_title(title or "accuracy vs compute budget")
     ax.grid(alpha=0.3)

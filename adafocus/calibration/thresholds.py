@@ -274,15 +274,17 @@ class ThresholdsResult:
     heldout: object | None  # ExitCache of the held-out split
     written: bool
     plot: str | None = None
+    dense: object | None = None  # DenseReference on the held-out split, when the bundle has a dense baseline
 
     def format(self) -> str:
         from adafocus.calibration.report import format_thresholds
 
-        return format_thresholds(self.solutions, self.costs)
+        return format_thresholds(self.solutions, self.costs, self.dense)
 
     def to_dict(self) -> dict:
         return {"budgets": {budget_key(s.budget_gflops): s.to_entry() for s in self.solutions},
-                "costs": self.costs, "written": self.written, "plot": self.plot}
+                "costs": self.costs, "written": self.written, "plot": self.plot,
+                "dense": self.dense.to_dict() if self.dense is not None else None}
 
 
 def calibrate_thresholds(bundle: str | os.PathLike, data: str | os.PathLike, budgets=None, *,
@@ -325,15 +327,21 @@ def calibrate_thresholds(bundle: str | os.PathLike, data: str | os.PathLike, bud
         held = load_labelled(data, heldout_split, pipe.labels, max_videos) if heldout_split else None
         cal = _collect_cached(pipe, cal_videos, cal_labels, calib_split, cache_dir, say, progress)
         hcache = _collect_cached(pipe, held[0], held[1], heldout_split, cache_dir, say, progress) if held else None
+        dense = None
+        if held and pipe.bundle.has_stage("dense"):
+            from adafocus.calibration.collect import dense_reference
+
+            dense = dense_reference(pipe, held[0], held[1], heldout_split, threads)
     solutions = solve_budgets(
         cal.scores(crit), cal.preds, cal.labels, costs, wanted, max_gflops=max_gflops, criterion=crit,
         calibration_split=calib_split,
         heldout=(hcache.scores(crit), hcache.preds, hcache.labels, heldout_split) if hcache is not None else None)
-    result = ThresholdsResult(solutions, costs, cal, hcache, False)
+    result = ThresholdsResult(solutions, costs, cal, hcache, False, dense=dense)
     if plot is not None:
         from adafocus.calibration.report import plot_thresholds
 
-        result.plot = str(plot_thresholds(solutions, plot, cal, hcache, title=f"{Path(bundle).name}: {crit}"))
+        result.plot = str(plot_thresholds(solutions, plot, cal, hcache, title=f"{Path(bundle).name}: {crit}",
+                                          dense=dense))
     if write:
         def edit(manifest):
             table = dict(manifest.exit.thresholds) if merge else {}

@@ -48,6 +48,7 @@ def build_demo(checkpoint: str | os.PathLike, data: str | os.PathLike, out: str 
             add_dense(bundle, dense_checkpoint, log=log)
         result = calibrate_thresholds(bundle, data, budgets, calib_split="val", heldout_split="test", log=log,
                                       plot=work / "thresholds.png")
+        log(result.format())
         videos = work / "videos"
         videos.mkdir()
         chosen, seen = [], set()
