@@ -138,11 +138,18 @@ class ExitPolicy(_Record):
     """Early-exit rule: exit at step k when ``criterion(logits_k) >= table[k]``.
 
     ``thresholds`` maps a table name (one per budget, written by calibration) to its per-step thresholds;
-    it is empty until the bundle is calibrated, and then the runtime runs every step.
+    it is empty until the bundle is calibrated, and then the runtime runs every step. ``by_precision`` holds
+    the tables of the bundle's other precisions (``"int8"`` -> the same kind of table), solved on their own
+    scores: quantization moves the confidences, so the fp32 thresholds would exit an INT8 model later.
     """
 
     criterion: str = "max_logit"
     thresholds: dict[str, Any] = field(default_factory=dict)
+    by_precision: dict[str, dict[str, Any]] = field(default_factory=dict)
+
+    def table(self, precision: str | None = None) -> dict[str, Any]:
+        """The thresholds table of ``precision`` (its own when calibrated, else the bundle's)."""
+        return self.by_precision.get(precision or "", None) or self.thresholds
 
 
 @dataclass

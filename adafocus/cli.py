@@ -309,6 +309,8 @@ def calibrate_int8_cmd(
                                     "(precision 'int8'); uint8: onnxruntime's faster x86 CPU kernels, not "
                                     "for TensorRT (precision 'int8-u8')."),
     threads: int = typer.Option(None, "--threads", help="CPU threads per engine (default: onnxruntime's)."),
+    fallback: bool = typer.Option(True, "--fallback/--no-fallback", help="When the gate fails with both encoders, "
+                                  "try each alone (the other stays float) and keep the first that passes."),
     as_json: bool = typer.Option(False, "--json", help="Print the gate report as JSON."),
 ):
     """Quantize the encoders to INT8 Q/DQ (onnxruntime, per-channel, signed symmetric) and gate them vs fp32."""
@@ -316,15 +318,23 @@ def calibrate_int8_cmd(
 
     opts = Int8Options(calib_videos=calib_videos, calib_split=calib_split, heldout_split=heldout_split,
                        max_heldout=max_heldout, method=method, max_drop=max_drop, threads=threads,
-                       stages=tuple(x.strip() for x in stages.split(",") if x.strip()), activations=activations)
+                       stages=tuple(x.strip() for x in stages.split(",") if x.strip()), activations=activations,
+                       fallback=fallback)
     with _progress_callback("videos", not as_json) as progress:
         result = calibrate_int8(bundle, data, opts, log=None if as_json else (lambda s: typer.echo(s, err=True)),
                                 progress=progress)
     if as_json:
         _echo_json({**result.report.to_dict(), "written": result.written, "files": result.files,
-                    "quantized_nodes": result.quantized_nodes})
+                    "quantized_nodes": result.quantized_nodes, "stages": list(result.stages),
+                    "attempts": result.attempts})
     else:
         typer.echo(result.report.format())
+        if len(result.attempts) > 1:
+            typer.echo("tries: " + "; ".join(f"{'+'.join(a['stages'])} in INT8: worst drop {a['worst_drop']:+.2f} "
+                                             f"({'passed' if a['passed'] else 'failed'})" for a in result.attempts))
+        if result.written and set(result.stages) != set(opts.stages):
+            kept = ", ".join(x for x in opts.stages if x not in result.stages)
+            typer.echo(f"kept in float: {kept} (INT8 there failed the gate); wrote {', '.join(result.files.values())}")
     if not result.written:
         typer.echo(f"error: INT8 accuracy gate failed: top-1 drop {result.report.worst_drop:.2f} points > "
                    f"--max-drop {max_drop:g}; {bundle} unchanged", err=True)

@@ -103,30 +103,56 @@ def test_int8_bundle_is_written_and_runs(setup, tmp_path):
     assert not [p for p in work.iterdir() if p.name.startswith(".")]
 
 
-def test_failed_gate_leaves_the_bundle_as_it_was(setup, tmp_path, capsys):
+def _self_labelled(bundle: Path, data: Path, out: Path) -> Path:
     """Labels = the fp32 model's own predictions: fp32 scores 100%, and INT8 of a random model (logits nearly
-    tied), calibrated on a single video (crude activation ranges), disagrees on some of the videos, so a gate
-    of 0 points must fail."""
-    bundle, data = setup
-    bundle = Path(shutil.copytree(bundle, tmp_path / "copy"))  # a gate that passed must not touch the fixture
+    tied), calibrated on a single video (crude activation ranges), disagrees on some of the videos."""
     test = load_split(data, "test") + load_split(data, "train")  # more videos: more near-ties to flip
     with Pipeline.from_bundle(bundle, threads=1) as pipe:
         preds = [pipe(v.path).label for v in test]
-    fake = tmp_path / "data"
-    fake.mkdir()
+    out.mkdir()
     rows = {"train": [(v.path, v.label) for v in load_split(data, "train")],
             "test": [(v.path, p) for v, p in zip(test, preds, strict=True)]}
     for split, pairs in rows.items():
-        (fake / f"{split}.csv").write_text("video,label\n" + "".join(f"{v},{lab}\n" for v, lab in pairs))
+        (out / f"{split}.csv").write_text("video,label\n" + "".join(f"{v},{lab}\n" for v, lab in pairs))
+    return out
+
+
+def test_failed_gate_leaves_the_bundle_as_it_was(setup, tmp_path, capsys):
+    """Both encoders in INT8 against their own fp32 predictions: a gate of 0 points must fail."""
+    bundle, data = setup
+    bundle = Path(shutil.copytree(bundle, tmp_path / "copy"))  # a gate that passed must not touch the fixture
+    fake = _self_labelled(bundle, data, tmp_path / "data")
     before = _digest(bundle)
     with pytest.raises(SystemExit) as exc:
         main(["calibrate", "int8", str(bundle), "--data", str(fake), "--max-drop", "0", "--calib-videos", "1",
-              "--threads", "1"])
+              "--threads", "1", "--no-fallback"])
     out, err = capsys.readouterr()
     assert exc.value.code == 1
     assert "gate FAILED" in out and "100.0%" in out
     assert err.strip().splitlines()[-1].startswith("error: INT8 accuracy gate failed")
     assert _digest(bundle) == before
+
+
+def test_fallback_tries_each_encoder_alone(setup, tmp_path):
+    """After the failed gate above, the fallback quantizes one encoder at a time (local first); what it
+    writes keeps the other encoder's float file, and its report is the try that passed."""
+    bundle, data = setup
+    bundle = Path(shutil.copytree(bundle, tmp_path / "copy"))
+    fake = _self_labelled(bundle, data, tmp_path / "data")
+    before = _digest(bundle)
+    result = calibrate_int8(bundle, fake, Int8Options(**{**OPTIONS, "calib_videos": 1}, max_drop=0.0))
+    tries = [a["stages"] for a in result.attempts]
+    assert tries[0] == ["global", "local"] and not result.attempts[0]["passed"]
+    assert tries[1:] == [["local"], ["global"]][:len(tries) - 1]
+    assert [a["passed"] for a in result.attempts[1:]] == [False] * (len(tries) - 2) + [result.written]
+    if result.written:
+        (stage,) = result.stages
+        assert result.report.worst_drop <= 0.0 and result.files == {stage: f"{stage}.int8.onnx"}
+        files = load_bundle(bundle).manifest.precisions["int8"]
+        other = "global" if stage == "local" else "local"
+        assert files[stage] == f"{stage}.int8.onnx" and files[other] == f"{other}.onnx"
+    else:
+        assert _digest(bundle) == before and result.attempts[0]["worst_drop"] == result.report.worst_drop
 
 
 @pytest.mark.parametrize("what, message", [("unknown", "not among the bundle's 10 classes"),
@@ -182,3 +208,32 @@ def test_uint8_cpu_variant_of_one_stage_is_its_own_precision(setup, tmp_path):
         assert pipe.precision == "int8-u8"
     with pytest.raises(BundleError, match="no int8 files"):
         Pipeline.from_bundle(work, precision="int8")
+
+
+def test_int8_gets_its_own_exit_thresholds(setup, tmp_path):
+    """A calibrated bundle: the INT8 precision is gated at thresholds solved on its own scores for the same
+    budgets (equal average cost), and the runtime uses them for --precision int8 (fp32 keeps its own)."""
+    from adafocus.calibration.thresholds import calibrate_thresholds
+
+    bundle, data = setup
+    work = Path(shutil.copytree(bundle, tmp_path / "b"))
+    calibrate_thresholds(work, data, "0.06,0.09", calib_split="val", heldout_split="test", threads=1)
+    result = calibrate_int8(work, data, Int8Options(max_drop=100.0, **OPTIONS))
+    assert result.written and result.report.thresholds.startswith("its own, solved on val")
+    exits = load_bundle(work).manifest.exit
+    own = exits.by_precision["int8"]
+    assert list(own) == list(exits.thresholds) == ["0.06", "0.09"]
+    assert own["0.06"]["calibration"]["split"] == "val" and own["0.06"]["heldout"]["split"] == "test"
+    assert own["0.06"]["calibration"]["avg_gflops"] <= 0.06
+    with Pipeline.from_bundle(work, precision="int8", threads=1) as pipe:
+        assert list(pipe.budget("0.06", average=True).thresholds) == own["0.06"]["thresholds"]
+    with Pipeline.from_bundle(work, threads=1) as pipe:
+        assert list(pipe.budget("0.06", average=True).thresholds) == exits.thresholds["0.06"]["thresholds"]
+    # the gate's INT8 rows are decided by those thresholds: their held-out cost is the table's
+    row = next(r for r in result.report.rows if r.budget_gflops == 0.06)
+    assert row.gflops_test == pytest.approx(own["0.06"]["heldout"]["avg_gflops"])
+    # recalibrating the INT8 table alone goes to by_precision and leaves fp32's
+    before = dict(exits.thresholds)
+    calibrate_thresholds(work, data, "0.07", calib_split="val", heldout_split="test", threads=1, precision="int8")
+    exits = load_bundle(work).manifest.exit
+    assert list(exits.by_precision["int8"]) == ["0.07"] and exits.thresholds == before

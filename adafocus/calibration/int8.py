@@ -69,6 +69,9 @@ class Int8Options:
     max_drop: float = 1.0  # percentage points of top-1 the INT8 bundle may lose at any operating point
     threads: int | None = None  # onnxruntime intra-op threads per engine
     criterion: str | None = None  # exit criterion (default: the bundle's)
+    # when the gate fails with several encoders, try each alone (local first: the glance feeds the policy
+    # and the glance exit, so it is the one most often kept in float) and keep the first that passes
+    fallback: bool = True
 
     @property
     def precision(self) -> str:
@@ -102,6 +105,8 @@ class Int8Result:
     files: dict[str, str] = field(default_factory=dict)  # stage -> file in the bundle (when written)
     quantized_nodes: dict[str, int] = field(default_factory=dict)  # stage -> quantized (Q/DQ-wrapped) nodes
     seconds: dict[str, float] = field(default_factory=dict)
+    stages: tuple[str, ...] = ()  # the encoders quantized in this result (the others stay float)
+    attempts: list[dict] = field(default_factory=list)  # every try: stages, worst drop, passed
 
     @property
     def passed(self) -> bool:
@@ -255,14 +260,41 @@ def calibrate_int8(bundle_dir: str | os.PathLike, data: str | os.PathLike, optio
                    log: Log | None = None, progress=None) -> Int8Result:
     """Quantize a bundle's encoders to INT8 and gate them against fp32 (see the module docstring).
 
-    Returns the :class:`Int8Result`; ``result.written`` is False when the gate failed (the bundle unchanged).
-    User errors (bad data, unknown labels, a bundle that is not fp32) raise before anything is written.
+    When the gate fails with several encoders and ``options.fallback`` is on, each encoder is tried alone
+    (local, then global), and the first that passes is written: the result says which stages were kept in
+    float (``result.stages``, ``result.attempts``). Returns the :class:`Int8Result`; ``result.written`` is
+    False when every try failed (the bundle unchanged; the report is the first try's). User errors (bad data,
+    unknown labels, a bundle that is not fp32) raise before anything is written.
     """
-    from adafocus.runtime.pipeline import Pipeline
+    import dataclasses
 
     opts = options or Int8Options()
     opts.validate()
     say = log or (lambda _line: None)
+    tries = [tuple(opts.stages)]
+    if opts.fallback and len(opts.stages) > 1:
+        tries += [(stage,) for stage in ("local", "global") if stage in opts.stages]
+    attempts: list[dict] = []
+    first = None
+    for stages in tries:
+        if len(attempts):
+            say(f"fallback   the gate failed with {', '.join(tries[0])} in INT8: trying {', '.join(stages)} alone "
+                f"(the other encoder stays float)")
+        result = _calibrate_once(bundle_dir, data, dataclasses.replace(opts, stages=stages), say, progress)
+        attempts.append({"stages": list(stages), "worst_drop": round(result.report.worst_drop, 4),
+                         "passed": result.written})
+        result.attempts = attempts
+        first = first or result
+        if result.written:
+            return result
+    return first
+
+
+def _calibrate_once(bundle_dir: str | os.PathLike, data: str | os.PathLike, opts: Int8Options, say: Log,
+                    progress) -> Int8Result:
+    """One quantize + gate (+ install when it passes) of ``opts.stages``."""
+    from adafocus.runtime.pipeline import Pipeline
+
     bundle_dir = Path(bundle_dir)
     seconds: dict[str, float] = {}
     t = time.perf_counter()
@@ -301,18 +333,22 @@ def calibrate_int8(bundle_dir: str | os.PathLike, data: str | os.PathLike, optio
         int8 = pipeline_with_files(bundle_dir, {s: str(p) for s, p in tmp_files.items()}, opts.threads,
                                    fp32.criterion, opts.precision)
         caches = collect_many({"fp32": fp32, "int8": int8}, held_videos, held_labels, opts.heldout_split, progress)
-        report = compare_caches(caches["fp32"], caches["int8"], list(m.exit.thresholds.values()), fp32.criterion,
-                                opts.max_drop)
+        table = list(m.exit.thresholds.values())
+        own = solve_own_thresholds(int8, data, table, caches["int8"], fp32.criterion, progress, say)
+        report = compare_caches(caches["fp32"], caches["int8"], table, fp32.criterion, opts.max_drop,
+                                test_table=list(own.values()) if own else None)
         report.precision = opts.precision
+        if own:
+            report.thresholds = f"its own, solved on {table[0]['calibration']['split']} for the same budgets"
         seconds["gate"] = time.perf_counter() - t
-        result = Int8Result(report, False, {}, quantized, seconds)
+        result = Int8Result(report, False, {}, quantized, seconds, tuple(opts.stages))
         if not report.passed:
             say(f"gate       FAILED: top-1 drop {report.worst_drop:.2f} points > {opts.max_drop:g}; bundle unchanged")
             return result
         int8.close()
         int8 = None
         fp32.close()
-        result.files = install_int8(bundle_dir, tmp_files, opts.precision)
+        result.files = install_int8(bundle_dir, tmp_files, opts.precision, thresholds=own)
         result.written = True
         say(f"wrote      {', '.join(result.files.values())} into {bundle_dir} "
             f"(manifest precisions[{opts.precision!r}])")
@@ -331,10 +367,41 @@ def int8_name(fp32_name: str, precision: str = "int8") -> str:
     return f"{stem}.{precision}.{ext}" if dot else f"{fp32_name}.{precision}"
 
 
-def install_int8(bundle_dir: str | os.PathLike, tmp_files: dict[str, Path], precision: str = "int8") -> dict[str, str]:
+def solve_own_thresholds(pipe, data, table: list[dict], heldout, criterion: str, progress=None,
+                         say: Log = lambda _line: None) -> dict[str, dict]:
+    """Exit thresholds for the quantized ``pipe``, solved for the budgets of the fp32 ``table`` on the split
+    that table was calibrated on (the same scheme, per-video cap and criterion), evaluated on ``heldout``
+    (its cache). Empty when the bundle has no table or the data has no such split."""
+    from adafocus.calibration.thresholds import budget_key, evaluate, solve_budget
+    from adafocus.runtime.budget import max_steps_within
+
+    if not table:
+        return {}
+    split = str(table[0].get("calibration", {}).get("split", "val"))
+    if Path(data).suffix.lower() == ".csv" or not (Path(data) / f"{split}.csv").is_file():
+        say(f"thresholds {pipe.precision} runs at the fp32 thresholds (no {split}.csv in {data} to solve its own)")
+        return {}
+    videos, labels = load_labelled(data, split, pipe.labels)
+    t = time.perf_counter()
+    cal = collect(pipe, videos, labels, split, progress)
+    costs = [float(c) for c in cal.costs]
+    out = {}
+    for entry in sorted(table, key=lambda e: e["budget_gflops"]):
+        sol = solve_budget(cal.scores(criterion), cal.preds, cal.labels, costs, float(entry["budget_gflops"]),
+                           max_gflops=entry.get("max_gflops"), criterion=criterion, split=split)
+        sol.heldout = evaluate(heldout.scores(criterion), heldout.preds, heldout.labels, costs, sol.thresholds,
+                               max_steps_within(sol.max_gflops, costs), heldout.split)
+        out[budget_key(sol.budget_gflops)] = sol.to_entry()
+    say(f"thresholds {pipe.precision}: solved for {len(out)} budgets on {len(cal)} {split} videos "
+        f"({time.perf_counter() - t:.1f}s)")
+    return out
+
+
+def install_int8(bundle_dir: str | os.PathLike, tmp_files: dict[str, Path], precision: str = "int8",
+                 thresholds: dict[str, dict] | None = None) -> dict[str, str]:
     """Move quantized stage files into the bundle and record them as ``precisions[precision]`` (the other
-    stages keep their own files), all or nothing: files that are replaced are kept aside until the manifest
-    is written, and put back on failure."""
+    stages keep their own files), with the precision's own exit ``thresholds`` table when given, all or
+    nothing: files that are replaced are kept aside until the manifest is written, and put back on failure."""
     from adafocus.bundle import update_manifest
 
     bundle_dir = Path(bundle_dir)
@@ -354,6 +421,10 @@ def install_int8(bundle_dir: str | os.PathLike, tmp_files: dict[str, Path], prec
         files = {s: st.file for s, st in manifest.stages.items()}
         files.update(names)
         manifest.precisions[precision] = files
+        if thresholds:
+            manifest.exit.by_precision[precision] = dict(thresholds)
+        else:
+            manifest.exit.by_precision.pop(precision, None)  # solved for the files replaced here
         for name in names.values():
             manifest.files[name] = None  # hashed by update_manifest
         return manifest

@@ -129,6 +129,7 @@ class GateReport:
     ms: dict[str, tuple[float, float]] = field(default_factory=dict)  # stage -> (fp32, int8) ms per call
     max_drop: float = 1.0
     precision: str = "int8"  # the precision under test
+    thresholds: str = "fp32"  # whose exit thresholds the test model ran: 'fp32', or 'own (solved on <split>)'
 
     @property
     def worst_drop(self) -> float:
@@ -154,7 +155,8 @@ class GateReport:
             lines.append(f"{r.name:<18} {r.top1_ref:>9.1f}% {r.top1_test:>6.1f}% {r.drop:>+6.1f} "
                          f"{r.pred_agreement:>8.1f}% {r.exit_agreement:>8.1f}% {r.gflops_ref:>11.4g} "
                          f"{r.gflops_test:>8.4g}")
-        lines.append(f"patches: mean box IoU {self.box_iou:.3f}, same focus frame {self.frame_agreement:.1f}%")
+        lines.append(f"{p} exit thresholds: {self.thresholds}; patches: mean box IoU {self.box_iou:.3f}, "
+                     f"same focus frame {self.frame_agreement:.1f}%")
         if self.ms:
             lines.append("onnxruntime CPU ms per call (during the gate): " + ", ".join(
                 f"{k} {a:.2f} -> {b:.2f} ({a / b:.2f}x)" if b > 0 else f"{k} {a:.2f} -> {b:.2f}"
@@ -177,26 +179,29 @@ def box_iou(a: np.ndarray, b: np.ndarray) -> np.ndarray:
 
 
 def compare_caches(ref: ExitCache, test: ExitCache, table: list[dict], criterion: str = "max_logit",
-                   max_drop: float = 1.0) -> GateReport:
+                   max_drop: float = 1.0, test_table: list[dict] | None = None) -> GateReport:
     """Gate rows for the full model and every calibrated budget in ``table``, decided as the runtime does
-    (``make_budget``: the entry's thresholds and per-video cap), on caches of the same videos."""
+    (``make_budget``: the entry's thresholds and per-video cap), on caches of the same videos. ``test_table``:
+    the test model's own thresholds for the same budgets (compared at equal average cost); default ``table``."""
     if ref.videos != test.videos:
         raise ValueError("the two caches hold different videos")
     costs = [float(c) for c in ref.costs]
     e = len(costs)
-    points: list[tuple[str, float | None, list | None, int]] = [("full (no exit)", None, None, e - 1)]
+    full = ("full (no exit)", None, None, None, e - 1)
+    points: list[tuple[str, float | None, list | None, list | None, int]] = [full]
     for entry in sorted(table, key=lambda x: x["budget_gflops"]):
         b = make_budget(float(entry["budget_gflops"]), costs, table, average=True)
+        bt = make_budget(float(entry["budget_gflops"]), costs, test_table, average=True) if test_table else b
         points.append((f"budget {entry['budget_gflops']:.4g}", float(entry["budget_gflops"]), list(b.thresholds or []),
-                       b.max_steps))
+                       list(bt.thresholds or []), b.max_steps))
     s_ref, s_test = ref.scores(criterion), test.scores(criterion)
     p_ref, p_test = ref.preds, test.preds
     n = len(ref)
     idx = np.arange(n)
     rows = []
-    for name, budget, thresholds, max_step in points:
-        t = thresholds or [None] * e
-        x_ref, x_test = exits_under(s_ref, t, max_step), exits_under(s_test, t, max_step)
+    for name, budget, thresholds, test_thresholds, max_step in points:
+        x_ref = exits_under(s_ref, thresholds or [None] * e, max_step)
+        x_test = exits_under(s_test, test_thresholds or [None] * e, max_step)
         y_ref, y_test = p_ref[idx, x_ref], p_test[idx, x_test]
         a_ref = 100 * float(np.mean(y_ref == ref.labels))
         a_test = 100 * float(np.mean(y_test == ref.labels))

@@ -297,7 +297,9 @@ def calibrate_thresholds(bundle: str | os.PathLike, data: str | os.PathLike, bud
     ``<data>/<heldout_split>.csv``, and store them in the bundle's manifest (``exit.thresholds``, one entry
     per budget; checksums updated). ``budgets``: GFLOPs (a list, or text '0.05,0.06'); default: a spread
     between the exit-0 and the full cost. ``merge`` keeps the table's other budgets (same criterion only).
-    ``precision``: which of the bundle's stage files score the videos (default its own; e.g. ``int8``).
+    ``precision``: which of the bundle's stage files score the videos (default its own; e.g. ``int8``). Another
+    precision's table goes to ``exit.by_precision[precision]``, which the runtime uses for that precision
+    (a new criterion for the bundle's own table drops those).
     The bundle is only written after everything else succeeded.
     """
     from adafocus.bundle import update_manifest
@@ -320,6 +322,10 @@ def calibrate_thresholds(bundle: str | os.PathLike, data: str | os.PathLike, bud
         for b in wanted:  # before any video runs: a bad budget costs nothing
             check_budget(b, costs, max_gflops)
         existing = pipe.manifest.exit
+        other = pipe.precision if pipe.precision != pipe.manifest.precision else None
+        if other is not None and crit != existing.criterion:
+            raise AdaFocusError(f"the {other} thresholds must use the bundle's criterion ({existing.criterion}): "
+                                "the runtime reads one criterion")
         if merge and existing.thresholds and existing.criterion != crit:
             raise AdaFocusError(f"cannot merge thresholds for criterion {crit} into a table calibrated for "
                                 f"{existing.criterion}: recalibrate without --merge")
@@ -344,10 +350,19 @@ def calibrate_thresholds(bundle: str | os.PathLike, data: str | os.PathLike, bud
                                           dense=dense))
     if write:
         def edit(manifest):
+            if other is not None:  # another precision: its own table beside the bundle's, same criterion
+                table = dict(manifest.exit.by_precision.get(other, {})) if merge else {}
+                for s in solutions:
+                    table[budget_key(s.budget_gflops)] = s.to_entry()
+                manifest.exit.by_precision[other] = dict(sorted(table.items(),
+                                                               key=lambda kv: kv[1]["budget_gflops"]))
+                return manifest
             table = dict(manifest.exit.thresholds) if merge else {}
             for s in solutions:
                 table[budget_key(s.budget_gflops)] = s.to_entry()
             manifest.exit.thresholds = dict(sorted(table.items(), key=lambda kv: kv[1]["budget_gflops"]))
+            if manifest.exit.criterion != crit:  # the other precisions' tables were solved for the old criterion
+                manifest.exit.by_precision = {}
             manifest.exit.criterion = crit
             return manifest
 

@@ -174,7 +174,8 @@ class Pipeline:
     def budget(self, budget: str | float | None = None, average: bool = False) -> Budget:
         """Parse a budget ('0.08' GFLOPs, '30%' of the dense cost, None = full model) for this bundle: a hard
         per-video cap, or with ``average`` the calibrated average to aim at (see adafocus.runtime.budget)."""
-        table = list(self.manifest.exit.thresholds.values())
+        own = self.precision if self.precision != self.manifest.precision else None
+        table = list(self.manifest.exit.table(own).values())
         return make_budget(budget, self.exits, table, self.dense, average)
 
     # ----------------------------------------------------------------------------------------- decode
