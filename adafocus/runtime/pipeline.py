@@ -11,6 +11,7 @@ here imports torch: the edge install is numpy + onnxruntime + OpenCV.
 
 from __future__ import annotations
 
+import functools
 import os
 import time
 from collections.abc import Iterable, Iterator
@@ -262,7 +263,7 @@ class Pipeline:
                 t["crop"] += (time.perf_counter() - tick) * 1e3
                 tick = time.perf_counter()
                 out = self.engines["local"].run({"patch": patch, "state": state, "context": context,
-                                                 "step": np.array([k], np.int64)})
+                                                 "step": _step_feed(k)})
                 t["local"] += (time.perf_counter() - tick) * 1e3
                 state = out["new_state"]
                 logits_list.append(_host(out["logits"])[0])
@@ -340,22 +341,21 @@ class Pipeline:
         timings["total"] = total
         timings["other"] = max(0.0, total - sum(v for k, v in timings.items()
                                                 if k not in ("total", "decode_background")))
-        logits = trace.logits[-1]
-        prob = _softmax(logits)
+        probs = _softmax(np.stack(trace.logits))  # [exits taken, C]
+        prob = probs[-1]
         order = np.argsort(-prob)[:max(1, topk)]
         names = self.labels
-        patches = []
-        for k in range(trace.exit_step if self.family == "base" else len(trace.positions) * trace.exit_step):
-            step = k + 1 if self.family == "base" else 1
-            frame_no = int(cand_index[trace.positions[k]])
-            patches.append(Patch(step, frame_no, self._source_box(trace.boxes[k], decoded),
-                                 [round(float(v), 3) for v in trace.boxes[k]]))
-        used = sorted({int(i) for i in glance_index} | {pt.frame for pt in patches})
-        steps = []
-        for k, (lg, sc) in enumerate(zip(trace.logits, trace.scores, strict=True)):
-            pr = _softmax(lg)
-            steps.append({"step": k, "label": names[int(pr.argmax())], "score": float(pr.max()),
-                          "confidence": sc})
+        n_patches = trace.exit_step if self.family == "base" else len(trace.positions) * trace.exit_step
+        boxes = np.asarray(trace.boxes[:n_patches], np.float64)
+        frame_nos = np.asarray(cand_index)[np.asarray(trace.positions[:n_patches], np.int64)].tolist()
+        source = self._source_boxes(boxes, decoded).tolist()
+        model_boxes = boxes.round(3).tolist()
+        patches = [Patch(k + 1 if self.family == "base" else 1, int(frame_nos[k]), source[k], model_boxes[k])
+                   for k in range(n_patches)]
+        used = sorted({int(i) for i in glance_index} | set(frame_nos))
+        best, best_p = probs.argmax(axis=1).tolist(), probs.max(axis=1).tolist()
+        steps = [{"step": k, "label": names[best[k]], "score": best_p[k], "confidence": sc}
+                 for k, sc in enumerate(trace.scores)]
         return VideoResult(
             video=str(decoded.path), label=names[int(order[0])], score=float(prob[order[0]]),
             topk=[(names[int(i)], float(prob[i])) for i in order], exit_step=trace.exit_step,
@@ -364,8 +364,9 @@ class Pipeline:
             engine=self.engine_name, timings_ms={k: round(v, 3) for k, v in timings.items()}, steps=steps,
             decoded=decoded if self.keep_decoded else None)
 
-    def _source_box(self, box: np.ndarray, decoded) -> list[float]:
-        """A (y0, x0, h, w) box in the model's crop -> (x0, y0, x1, y1) in the decoded video's pixels."""
+    def _source_boxes(self, boxes: np.ndarray, decoded) -> np.ndarray:
+        """(y0, x0, h, w) boxes ``[n, 4]`` in the model's crop -> (x0, y0, x1, y1) in the decoded video's
+        pixels, rounded to 0.01."""
         from adafocus.runtime.preprocess import center_crop_offsets, resized_shape
 
         p = self.pre
@@ -373,9 +374,10 @@ class Pipeline:
         rh, rw = resized_shape(h, w, p.resize_size)
         top, left = center_crop_offsets(rh, rw, p.frame_size)
         sy, sx = h / rh, w / rw
-        y0, x0, bh, bw = (float(v) for v in box)
-        return [round((x0 + left) * sx, 2), round((y0 + top) * sy, 2), round((x0 + bw + left) * sx, 2),
-                round((y0 + bh + top) * sy, 2)]
+        b = np.asarray(boxes, np.float64).reshape(-1, 4)
+        y0, x0, bh, bw = b[:, 0], b[:, 1], b[:, 2], b[:, 3]
+        return np.stack([(x0 + left) * sx, (y0 + top) * sy, (x0 + bw + left) * sx, (y0 + bh + top) * sy],
+                        axis=1).round(2)
 
 
 # ------------------------------------------------------------------------------------------ helpers
@@ -395,6 +397,14 @@ def expand_videos(inputs: Iterable[str]) -> list[str]:
         else:
             out.append(item)
     return out
+
+
+@functools.lru_cache(maxsize=256)
+def _step_feed(k: int) -> np.ndarray:
+    """The local stage's ``step`` input for step k (made once: it is fed every step of every video)."""
+    a = np.array([k], np.int64)
+    a.setflags(write=False)
+    return a
 
 
 def _passes(thresholds, k: int, score: float) -> bool:
@@ -417,9 +427,10 @@ def _host(x: Any) -> np.ndarray:
 
 
 def _softmax(x: np.ndarray) -> np.ndarray:
+    """Softmax over the last axis, in float64."""
     z = np.asarray(x, np.float64)
-    z = np.exp(z - z.max())
-    return z / z.sum()
+    z = np.exp(z - z.max(axis=-1, keepdims=True))
+    return z / z.sum(axis=-1, keepdims=True)
 
 
 def _precision_files(bundle: Bundle, precision: str | None, engine: str) -> dict[str, Path]:
