@@ -87,6 +87,35 @@ def test_runtime_matches_reference_decisions(tiny, pipe, tmp_path, seed):
     assert len({tuple(b.round(1)) for b in ref_boxes}) > 1, "the policy should move the box"
 
 
+def test_lazy_frames_equal_preprocess_and_skip_unused_frames(pipe, tmp_path):
+    """The CPU loop preprocesses the glance frames and then only the focus frames it crops: bit-identical
+    to preprocessing every candidate first, with the same decisions, and unused frames never done."""
+    from adafocus.runtime.preprocess import LazyFrames, preprocess
+
+    p = pipe.pre
+    clip = videos.write_video(tmp_path / "clip.mp4", videos.moving_frames(40, 120, 160, seed=21))
+    decoded = pipe.decode(clip)
+    eager = pipe.preprocess(decoded.frames)
+    lazy = LazyFrames(decoded.frames, p.resize_size, p.frame_size, p.mean, p.std, first=p.glance_positions)
+    assert lazy.done == len(p.glance_positions) and lazy.first().flags.c_contiguous
+    np.testing.assert_array_equal(lazy.first(), eager[np.asarray(p.glance_positions)])
+    budget = make_budget(None, pipe.exits)
+    want = pipe.run_frames(eager, budget)
+    got = pipe.run_frames(lazy, budget)
+    assert got.exit_step == want.exit_step and got.positions.tolist() == want.positions.tolist()
+    for a, b in zip(got.logits, want.logits, strict=True):
+        np.testing.assert_array_equal(a, b)
+    used = set(p.glance_positions) | set(want.positions[:want.exit_step].tolist())
+    assert lazy.done == len(used) < len(eager)  # a random policy picks some non-glance frames, not all
+    assert got.timings_ms["preprocess"] > 0 and "preprocess" not in want.timings_ms
+    for i in range(len(eager)):
+        np.testing.assert_array_equal(lazy.frame(i), eager[i])
+    np.testing.assert_array_equal(lazy.materialize(), preprocess(decoded.frames, p.resize_size, p.frame_size,
+                                                                 p.mean, p.std))
+    with pytest.raises(IndexError):
+        lazy.frame(len(eager))
+
+
 @pytest.mark.parametrize("kind", ["color", "gray", "portrait", "one_frame", "short"])
 def test_every_kind_of_video_runs(pipe, clips, kind):
     result = pipe(clips[kind])

@@ -206,18 +206,30 @@ class Pipeline:
 
         Base family: the glance frames are ``preprocessing.glance_positions`` of the candidates.
         """
+        from adafocus.runtime.preprocess import LazyFrames
+
         p = self.pre
         budget = budget or self.budget(None)
         thresholds = budget.thresholds
         t: dict[str, float] = {"glance": 0.0, "policy": 0.0, "crop": 0.0, "local": 0.0}
         xp = self._xp
+        lazy = given = frames if isinstance(frames, LazyFrames) else None
+        lazy_ms = lazy.ms if lazy is not None else 0.0
+        if lazy is not None and (self._on_gpu or self.family != "base" or p.glance_positions is None):
+            frames, lazy = lazy.materialize(), None  # only the CPU base loop reads frames one by one
+            t["preprocess"] = given.ms - lazy_ms
         tick = time.perf_counter()
         if self._on_gpu:
             frames = xp.asarray(frames)
             if glance_frames is not None:
                 glance_frames = xp.asarray(glance_frames)
         t["upload"] = (time.perf_counter() - tick) * 1e3
-        glance_in = frames[np.asarray(p.glance_positions)] if p.glance_positions is not None else glance_frames
+        if lazy is not None:
+            glance_in = lazy.first()  # already contiguous: LazyFrames(first=glance_positions)
+        elif p.glance_positions is not None:
+            glance_in = frames[np.asarray(p.glance_positions)]
+        else:
+            glance_in = glance_frames
         if glance_in is None:
             raise ValueError("this bundle's glance frames are sampled separately: pass glance_frames")
 
@@ -254,9 +266,13 @@ class Pipeline:
                 if k + 1 > budget.max_steps:
                     reason = "budget"
                     break
+                if lazy is not None:  # the focus frame, preprocessed now if no earlier step used it
+                    source, index = lazy.frame(int(positions[k]))[None], 0
+                else:
+                    source, index = frames, int(positions[k])
                 tick = time.perf_counter()
                 if plan is not None:  # CPU: the boxes' interpolation tables were made once, above
-                    patch = crop_planned(frames, plan, k, int(positions[k]))
+                    patch = crop_planned(source, plan, k, index)
                 else:
                     patch = self._crop(frames, xp.asarray(boxes[k:k + 1]), p.patch_size,
                                        xp.asarray(positions[k:k + 1]))
@@ -284,6 +300,8 @@ class Pipeline:
             else:
                 reason = "budget"
         steps_taken = len(logits_list) - 1
+        if given is not None:  # frames first preprocessed here (by the focus steps, or to materialize)
+            t["preprocess"] = given.ms - lazy_ms
         return Trace(logits_list, scores, positions, boxes, steps_taken, reason, t)
 
     # ------------------------------------------------------------------------------------------ videos
@@ -320,9 +338,16 @@ class Pipeline:
 
     def _run_decoded(self, decoded, budget: Budget, topk: int, decode_ms: float, start: float,
                      background_decode_ms: float | None = None) -> VideoResult:
+        from adafocus.runtime.preprocess import LazyFrames
+
         p = self.pre
         tick = time.perf_counter()
-        frames = self.preprocess(decoded.frames)
+        if p.glance_positions is not None and self.family == "base" and not self._on_gpu:
+            # CPU: preprocess the glance frames now and each focus frame when a step first crops it
+            frames = LazyFrames(decoded.frames, p.resize_size, p.frame_size, p.mean, p.std,
+                                first=p.glance_positions)
+        else:
+            frames = self.preprocess(decoded.frames)
         if p.glance_positions is None:
             glance_frames, candidates = frames[:p.num_glance], frames[p.num_glance:]
             cand_index = decoded.indices[p.num_glance:]
@@ -334,8 +359,8 @@ class Pipeline:
         pre_ms = (time.perf_counter() - tick) * 1e3
         trace = self.run_frames(candidates, budget, glance_frames)
         total = (time.perf_counter() - start) * 1e3 + decode_ms
-        timings = {"decode": decode_ms if background_decode_ms is None else 0.0, "preprocess": pre_ms,
-                   **trace.timings_ms}
+        timings = {"decode": decode_ms if background_decode_ms is None else 0.0, **trace.timings_ms,
+                   "preprocess": pre_ms + trace.timings_ms.get("preprocess", 0.0)}  # + focus frames done lazily
         if background_decode_ms is not None:
             timings["decode_background"] = background_decode_ms
         timings["total"] = total

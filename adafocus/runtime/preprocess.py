@@ -135,3 +135,71 @@ def preprocess_one(frame: np.ndarray, resize_size: int = 256, crop_size: int = 2
                    interpolation: str = "auto") -> np.ndarray:
     """One uint8 RGB frame ``[H, W, 3]`` -> float32 ``[3, crop, crop]`` (see :func:`preprocess`)."""
     return preprocess(np.asarray(frame)[None], resize_size, crop_size, mean, std, interpolation)[0]
+
+
+class LazyFrames:
+    """Candidate frames preprocessed on first use (the CPU runtime's layout).
+
+    A video's N candidates are decoded together, but the model reads only some of them: the glance frames,
+    then one frame per focus step taken (on the demo, about 11 of 16 frames). The glance frames
+    (``first``) are preprocessed at once into one contiguous ``[Tg, 3, S, S]`` array, which is what the
+    glance engine takes, so there is no gather copy. Any other frame is preprocessed when a focus step
+    first asks for it. Each frame gets exactly what :func:`preprocess` gives it (same float32 steps).
+    ``ms`` adds up the time spent preprocessing so far.
+    """
+
+    def __init__(self, frames: np.ndarray, resize_size: int, crop_size: int, mean: Sequence[float] = IMAGENET_MEAN,
+                 std: Sequence[float] = IMAGENET_STD, first: Sequence[int] | None = None):
+        import time
+
+        frames = np.asarray(frames)
+        if frames.ndim != 4 or frames.shape[-1] != 3 or frames.dtype != np.uint8:
+            raise ValueError(f"frames must be uint8 [T, H, W, 3], got {frames.dtype} {list(frames.shape)}")
+        self._src = frames
+        self._args = (resize_size, crop_size, mean, std)
+        self.shape = (frames.shape[0], 3, crop_size, crop_size)
+        self._cache: dict[int, np.ndarray] = {}
+        self.ms = 0.0
+        self._first = None
+        if first is not None:
+            start = time.perf_counter()
+            idx = [int(i) for i in first]
+            self._first = preprocess(frames[idx], *self._args)
+            for j, i in enumerate(idx):
+                self._cache[i] = self._first[j]
+            self.ms += (time.perf_counter() - start) * 1e3
+
+    def __len__(self) -> int:
+        return self.shape[0]
+
+    @property
+    def done(self) -> int:
+        """How many distinct frames were preprocessed so far."""
+        return len(self._cache)
+
+    def first(self) -> np.ndarray:
+        """The ``first`` frames, contiguous ``[Tg, 3, S, S]``."""
+        if self._first is None:
+            raise ValueError("LazyFrames was made without first=")
+        return self._first
+
+    def frame(self, i: int) -> np.ndarray:
+        """Frame ``i`` preprocessed: ``[3, S, S]`` float32."""
+        i = int(i)
+        got = self._cache.get(i)
+        if got is None:
+            import time
+
+            if not 0 <= i < self.shape[0]:
+                raise IndexError(f"frame {i} of {self.shape[0]}")
+            start = time.perf_counter()
+            got = self._cache[i] = preprocess(self._src[i:i + 1], *self._args)[0]
+            self.ms += (time.perf_counter() - start) * 1e3
+        return got
+
+    def materialize(self) -> np.ndarray:
+        """Every frame, ``[N, 3, S, S]`` (for the paths that need them all: GPU upload, TSM crops)."""
+        out = np.empty(self.shape, np.float32)
+        for i in range(self.shape[0]):
+            out[i] = self.frame(i)
+        return out
