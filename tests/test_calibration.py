@@ -9,6 +9,7 @@ import math
 
 import numpy as np
 import pytest
+from bundles import random_demo_bundle
 
 from adafocus.bundle import load_bundle
 from adafocus.calibration.collect import ExitCache, collect, load_labelled
@@ -155,20 +156,7 @@ def test_gate_comparison_of_identical_and_shifted_caches():
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):
     """A random tiny bundle with the demo data's classes, and a small demo data set."""
-    import torch
-
-    from adafocus.demo.data import CLASSES, generate
-    from adafocus.export.exporter import export_bundle
-    from adafocus.models import build_model, save
-    from adafocus.models.checkpoint import set_batchnorm_statistics
-    from adafocus.models.presets import preset_config
-
-    d = tmp_path_factory.mktemp("cal")
-    torch.manual_seed(0)
-    model = set_batchnorm_statistics(build_model(preset_config("tiny").replace(labels=list(CLASSES))))
-    export_bundle(save(model, d / "m.pt", preset="tiny"), d / "bundle", verify=False, log=None)
-    generate(d / "data", videos=30, seed=5)
-    return d / "bundle", d / "data"
+    return random_demo_bundle(tmp_path_factory.mktemp("cal"), model_seed=0, videos=30, data_seed=5)
 
 
 def _digest(bundle) -> str:

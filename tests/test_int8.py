@@ -9,6 +9,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from bundles import random_demo_bundle
 
 onnx = pytest.importorskip("onnx")
 
@@ -25,20 +26,7 @@ OPTIONS = {"calib_videos": 3, "calib_split": "train", "heldout_split": "test", "
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):
     """A random tiny bundle with the demo data's classes, and a small demo data set."""
-    import torch
-
-    from adafocus.demo.data import CLASSES, generate
-    from adafocus.export.exporter import export_bundle
-    from adafocus.models import build_model, save
-    from adafocus.models.checkpoint import set_batchnorm_statistics
-    from adafocus.models.presets import preset_config
-
-    d = tmp_path_factory.mktemp("int8")
-    torch.manual_seed(1)
-    model = set_batchnorm_statistics(build_model(preset_config("tiny").replace(labels=list(CLASSES))))
-    export_bundle(save(model, d / "m.pt", preset="tiny"), d / "bundle", verify=False, log=None)
-    generate(d / "data", videos=24, seed=7)
-    return d / "bundle", d / "data"
+    return random_demo_bundle(tmp_path_factory.mktemp("int8"), model_seed=1, videos=24, data_seed=7)
 
 
 def _digest(bundle) -> str:
