@@ -350,20 +350,18 @@ def calibrate_thresholds(bundle: str | os.PathLike, data: str | os.PathLike, bud
                                           dense=dense))
     if write:
         def edit(manifest):
-            if other is not None:  # another precision: its own table beside the bundle's, same criterion
-                table = dict(manifest.exit.by_precision.get(other, {})) if merge else {}
-                for s in solutions:
-                    table[budget_key(s.budget_gflops)] = s.to_entry()
-                manifest.exit.by_precision[other] = dict(sorted(table.items(),
-                                                               key=lambda kv: kv[1]["budget_gflops"]))
-                return manifest
-            table = dict(manifest.exit.thresholds) if merge else {}
+            ex = manifest.exit
+            table = dict(ex.by_precision.get(other, {}) if other is not None else ex.thresholds) if merge else {}
             for s in solutions:
                 table[budget_key(s.budget_gflops)] = s.to_entry()
-            manifest.exit.thresholds = dict(sorted(table.items(), key=lambda kv: kv[1]["budget_gflops"]))
-            if manifest.exit.criterion != crit:  # the other precisions' tables were solved for the old criterion
-                manifest.exit.by_precision = {}
-            manifest.exit.criterion = crit
+            table = dict(sorted(table.items(), key=lambda kv: kv[1]["budget_gflops"]))
+            if other is not None:  # another precision: its own table beside the bundle's, same criterion
+                ex.by_precision[other] = table
+                return manifest
+            ex.thresholds = table
+            if ex.criterion != crit:  # the other precisions' tables were solved for the old criterion
+                ex.by_precision = {}
+            ex.criterion = crit
             return manifest
 
         update_manifest(bundle, edit)  # verifies the files again, writes the manifest atomically
