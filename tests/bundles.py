@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 from pathlib import Path
 
 
@@ -21,3 +22,11 @@ def random_demo_bundle(root: Path, model_seed: int, videos: int, data_seed: int)
     export_bundle(save(model, root / "m.pt", preset="tiny"), root / "bundle", verify=False, log=None)
     generate(root / "data", videos=videos, seed=data_seed)
     return root / "bundle", root / "data"
+
+
+def digest(bundle: Path) -> str:
+    """sha256 over a bundle directory's entry names and file contents (to check it was left as it was)."""
+    h = hashlib.sha256()
+    for f in sorted(bundle.iterdir()):
+        h.update(f.name.encode() + (f.read_bytes() if f.is_file() else b"<dir>"))
+    return h.hexdigest()

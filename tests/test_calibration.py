@@ -3,12 +3,12 @@
 
 from __future__ import annotations
 
-import hashlib
 import json
 import math
 
 import numpy as np
 import pytest
+from bundles import digest as _digest
 from bundles import random_demo_bundle
 
 from adafocus.bundle import load_bundle
@@ -157,13 +157,6 @@ def test_gate_comparison_of_identical_and_shifted_caches():
 def setup(tmp_path_factory):
     """A random tiny bundle with the demo data's classes, and a small demo data set."""
     return random_demo_bundle(tmp_path_factory.mktemp("cal"), model_seed=0, videos=30, data_seed=5)
-
-
-def _digest(bundle) -> str:
-    h = hashlib.sha256()
-    for f in sorted(bundle.iterdir()):
-        h.update(f.name.encode() + f.read_bytes())
-    return h.hexdigest()
 
 
 def test_calibrated_table_drives_the_runtime(setup, tmp_path):

@@ -3,12 +3,12 @@ the accuracy gate against fp32, and a bundle that is either updated whole or lef
 
 from __future__ import annotations
 
-import hashlib
 import shutil
 from pathlib import Path
 
 import numpy as np
 import pytest
+from bundles import digest as _digest
 from bundles import random_demo_bundle
 
 onnx = pytest.importorskip("onnx")
@@ -27,13 +27,6 @@ OPTIONS = {"calib_videos": 3, "calib_split": "train", "heldout_split": "test", "
 def setup(tmp_path_factory):
     """A random tiny bundle with the demo data's classes, and a small demo data set."""
     return random_demo_bundle(tmp_path_factory.mktemp("int8"), model_seed=1, videos=24, data_seed=7)
-
-
-def _digest(bundle) -> str:
-    h = hashlib.sha256()
-    for f in sorted(bundle.iterdir()):
-        h.update(f.name.encode() + (f.read_bytes() if f.is_file() else b"<dir>"))
-    return h.hexdigest()
 
 
 def _zero_points(model) -> list:

@@ -30,7 +30,7 @@ from adafocus.errors import AdaFocusError
 from adafocus.runtime.budget import Budget
 from adafocus.runtime.exits import confidence
 from adafocus.runtime.pipeline import _host, _passes, _softmax  # the step loop's own helpers, shared
-from adafocus.runtime.sampling import crop_boxes, focus_positions, segment_indices
+from adafocus.runtime.sampling import crop_boxes, focus_positions
 
 
 @dataclass
@@ -292,7 +292,7 @@ def dense_batched(engine, pipe, videos: Iterable[str | os.PathLike], batch: int 
     from adafocus.runtime.decode import Prefetcher
 
     def load(path):
-        return dense_frames(pipe, path)
+        return pipe.dense_frames(path)
 
     chunk: list[tuple[str, np.ndarray]] = []
 
@@ -316,14 +316,4 @@ def dense_batched(engine, pipe, videos: Iterable[str | os.PathLike], batch: int 
             yield from flush()
 
 
-def dense_frames(pipe, path: str | os.PathLike) -> np.ndarray:
-    """The normalised candidate frames ``[N, 3, S, S]`` the dense baseline reads (the adaptive model's
-    candidates: same sampling, same preprocessing)."""
-    from adafocus.runtime.decode import decode_frames
-
-    p = pipe.pre
-    decoded = decode_frames(path, indices_fn=lambda n: segment_indices(n, p.candidates), short_side=p.resize_size)
-    return pipe.preprocess(decoded.frames)
-
-
-__all__ = ["BatchStats", "BatchedResult", "BatchedRunner", "dense_batched", "dense_frames"]
+__all__ = ["BatchStats", "BatchedResult", "BatchedRunner", "dense_batched"]

@@ -258,13 +258,8 @@ def time_adafocus(pipe, path: str, budget) -> tuple[dict[str, float], Any]:
 
 def time_dense(pipe, engine, path: str) -> tuple[dict[str, float], str]:
     """Run one video through the dense baseline (same decode and preprocessing); times (ms) and label."""
-    from adafocus.runtime.decode import decode_frames
-    from adafocus.runtime.sampling import segment_indices
-
-    p = pipe.pre
-    n = p.candidates
     start = time.perf_counter()
-    decoded = decode_frames(path, indices_fn=lambda total: segment_indices(total, n), short_side=p.resize_size)
+    decoded = pipe.decode_dense(path)
     t_decode = time.perf_counter()
     frames = pipe.preprocess(decoded.frames)
     t_pre = time.perf_counter()

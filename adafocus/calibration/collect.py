@@ -209,21 +209,16 @@ def dense_reference(pipe, videos: Sequence[LabelledVideo], labels: np.ndarray, s
     """Top-1 of the bundle's ``dense.onnx`` (onnxruntime, CPU) on ``videos``; None without a dense stage or
     without labels. Same candidate frames and preprocessing as the adaptive model."""
     from adafocus.engines.registry import create_engine
-    from adafocus.runtime.decode import decode_frames
-    from adafocus.runtime.sampling import segment_indices
 
     bundle = pipe.bundle
     gflops = float(getattr(bundle.manifest.costs, "dense", 0.0) or 0.0)
     if not bundle.has_stage("dense") or not gflops or not len(videos) or (np.asarray(labels) < 0).any():
         return None
     engine = create_engine("ort", str(bundle.stage_path("dense")), **({"threads": threads} if threads else {}))
-    p = pipe.pre
     correct = 0
     try:
         for video, label in zip(videos, labels, strict=True):
-            decoded = decode_frames(video.path, indices_fn=lambda n: segment_indices(n, p.candidates),
-                                    short_side=p.resize_size)
-            logits = np.asarray(engine.run({"frames": pipe.preprocess(decoded.frames)[None]})["logits"])
+            logits = np.asarray(engine.run({"frames": pipe.dense_frames(video.path)[None]})["logits"])
             correct += int(np.argmax(logits[0]) == int(label))
     finally:
         engine.close()

@@ -193,6 +193,19 @@ class Pipeline:
 
         return decode_frames(path, indices_fn=self.sample_indices, short_side=self.pre.resize_size)
 
+    def decode_dense(self, path: str | os.PathLike):
+        """Decode the frames the dense baseline reads: the N candidates (for TSM too, without the glance's)."""
+        from adafocus.runtime.decode import decode_frames
+
+        n = self.pre.candidates
+        return decode_frames(path, indices_fn=lambda total: segment_indices(total, n),
+                             short_side=self.pre.resize_size)
+
+    def dense_frames(self, path: str | os.PathLike) -> np.ndarray:
+        """The dense baseline's input for one video: normalised candidates ``[N, 3, S, S]`` (same sampling and
+        preprocessing as the adaptive model's candidates)."""
+        return self.preprocess(self.decode_dense(path).frames)
+
     def preprocess(self, frames_uint8: np.ndarray) -> np.ndarray:
         from adafocus.runtime.preprocess import preprocess
 
