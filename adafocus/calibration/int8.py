@@ -372,8 +372,7 @@ def solve_own_thresholds(pipe, data, table: list[dict], heldout, criterion: str,
     """Exit thresholds for the quantized ``pipe``, solved for the budgets of the fp32 ``table`` on the split
     that table was calibrated on (the same scheme, per-video cap and criterion), evaluated on ``heldout``
     (its cache). Empty when the bundle has no table or the data has no such split."""
-    from adafocus.calibration.thresholds import budget_key, evaluate, solve_budget
-    from adafocus.runtime.budget import max_steps_within
+    from adafocus.calibration.thresholds import budget_key, solve_budgets
 
     if not table:
         return {}
@@ -386,11 +385,11 @@ def solve_own_thresholds(pipe, data, table: list[dict], heldout, criterion: str,
     cal = collect(pipe, videos, labels, split, progress)
     costs = [float(c) for c in cal.costs]
     out = {}
-    for entry in sorted(table, key=lambda e: e["budget_gflops"]):
-        sol = solve_budget(cal.scores(criterion), cal.preds, cal.labels, costs, float(entry["budget_gflops"]),
-                           max_gflops=entry.get("max_gflops"), criterion=criterion, split=split)
-        sol.heldout = evaluate(heldout.scores(criterion), heldout.preds, heldout.labels, costs, sol.thresholds,
-                               max_steps_within(sol.max_gflops, costs), heldout.split)
+    held = (heldout.scores(criterion), heldout.preds, heldout.labels, heldout.split)
+    for entry in sorted(table, key=lambda e: e["budget_gflops"]):  # one by one: each keeps its own per-video cap
+        (sol,) = solve_budgets(cal.scores(criterion), cal.preds, cal.labels, costs, [float(entry["budget_gflops"])],
+                               heldout=held, max_gflops=entry.get("max_gflops"), criterion=criterion,
+                               calibration_split=split)
         out[budget_key(sol.budget_gflops)] = sol.to_entry()
     say(f"thresholds {pipe.precision}: solved for {len(out)} budgets on {len(cal)} {split} videos "
         f"({time.perf_counter() - t:.1f}s)")
