@@ -153,6 +153,29 @@ def test_report_schema_unavailable_engine_and_speedups(bundle, clips, tmp_path):
     assert "tensorrt fp32 adafocus: unavailable" in text and "orchestration" in text and "adafocus@0.06" in text
 
 
+def test_torch_engine_rows_with_a_dense_checkpoint(bundle, clips, tmp_path):
+    """The torch engine (the CUDA fallback without onnxruntime-gpu) gets its dense row from --dense-checkpoint."""
+    from adafocus.models import save
+    from adafocus.models.config import ModelConfig
+    from adafocus.models.dense import DenseBaseline
+
+    cfg = ModelConfig.from_dict(load_bundle(bundle).manifest.config)
+    with one_torch_thread():
+        torch.manual_seed(2)
+        dense = save(DenseBaseline(cfg).eval(), tmp_path / "dense.pt", extra={"model": "dense"})
+        common = dict(engines=["torch"], budgets=["full"], warmup_s=0, repeats=1, threads=1,
+                      checkpoint=bundle.parent / "tiny.pt")
+        report = run_benchmark(BenchConfig(bundle, clips[:2], dense_checkpoint=dense, **common), log=None)
+        without = run_benchmark(BenchConfig(bundle, clips[:1], **common), log=None)
+    check_report(report)
+    rows = {r["model"]: r for r in report["results"]}
+    assert rows["dense"]["status"] == "ok" and rows["dense"]["stages"]["dense"]["n"] == 2
+    assert rows["adafocus"]["status"] == "ok" and rows["adafocus"]["speedup_model"] > 0
+    assert report["settings"]["dense_checkpoint"] == str(dense)
+    skipped = {r["model"]: r for r in without["results"]}["dense"]
+    assert skipped["status"] == "skipped" and "--dense-checkpoint" in skipped["reason"]
+
+
 def test_bad_reports_and_budgets_are_refused(bundle, clips, tmp_path):
     bad = tmp_path / "bad.json"
     bad.write_text(json.dumps({"format": "adafocus-bench", "results": [{"engine": "ort"}]}))
@@ -284,6 +307,50 @@ def test_gpu_bench_and_batched(request):
                                        warmup_s=0, repeats=1, batch=2), log=None)
     rows = {r["model"]: r for r in report["results"]}
     assert rows["adafocus"]["status"] == "ok" and rows["dense"]["status"] == "ok"
+    assert report["environment"]["gpu"] != "unknown"
+
+
+@pytest.mark.gpu
+def test_gpu_torch_engine_with_gpu_crops(request, tmp_path):
+    """On a CUDA machine without onnxruntime-gpu: the torch engine on cuda, the patches cropped on the GPU (cupy)
+    and read in place through DLPack, decides as the torch engine on the CPU; batched = one at a time; the
+    bench measures it against the dense checkpoint on the GPU."""
+    if not torch.cuda.is_available():
+        pytest.skip("no CUDA device for torch")
+    pytest.importorskip("cupy", reason="GPU crops need cupy (pip install 'adafocus[gpu]')")
+    from adafocus.models import save
+    from adafocus.models.config import ModelConfig
+    from adafocus.models.dense import DenseBaseline
+
+    bundle, clips = request.getfixturevalue("bundle"), request.getfixturevalue("clips")
+    ckpt = bundle.parent / "tiny.pt"
+    tf32 = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False  # compare in full fp32
+    try:
+        with Pipeline.from_bundle(bundle, engine="torch", device="cpu", checkpoint=ckpt) as cpu, \
+                Pipeline.from_bundle(bundle, engine="torch", device="cuda", checkpoint=ckpt) as gpu:
+            budget = cpu.budget("0.075")
+            ref = {p: gpu(p, budget) for p in clips}
+            for p in clips:
+                a, b = cpu(p, budget), ref[p]
+                assert (b.label, b.exit_step, b.frames_used) == (a.label, a.exit_step, a.frames_used)
+                np.testing.assert_allclose([q.box_model for q in b.patches], [q.box_model for q in a.patches],
+                                           atol=1e-2)
+                assert b.score == pytest.approx(a.score, abs=1e-4)
+                assert b.timings_ms["upload"] > 0 and (b.exit_step == 0 or b.timings_ms["crop"] > 0)
+            got = dict(BatchedRunner(gpu, batch=3).run(clips, budget))
+            for p in clips:
+                assert (got[p].label, got[p].exit_step) == (ref[p].label, ref[p].exit_step)
+    finally:
+        torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = tf32
+    cfg = ModelConfig.from_dict(load_bundle(bundle).manifest.config)
+    dense = save(DenseBaseline(cfg).eval(), tmp_path / "dense.pt", extra={"model": "dense"})
+    report = run_benchmark(BenchConfig(bundle, clips[:2], engines=["torch"], device="cuda", budgets=["full"],
+                                       warmup_s=0, repeats=1, batch=2, checkpoint=ckpt, dense_checkpoint=dense),
+                           log=None)
+    rows = {r["model"]: r for r in report["results"]}
+    assert rows["adafocus"]["status"] == "ok" and rows["dense"]["status"] == "ok"
+    assert {r["batch"] for r in report["throughput"]} == {1, 2}
     assert report["environment"]["gpu"] != "unknown"
 
 

@@ -236,7 +236,25 @@ def test_torch_engine_same_outputs_as_ort(tiny_onnx, stage):
     tensors = engine.run({k: torch.from_numpy(v) for k, v in feeds.items()})
     assert all(isinstance(v, torch.Tensor) for v in tensors.values())
     np.testing.assert_allclose(tensors["logits"].numpy(), ort_out["logits"], rtol=1e-5, atol=1e-5)
-    assert engine.calls == 2
+    # a device array that is neither numpy nor torch (the GPU crop's cupy patches) goes in through DLPack
+    # and, like the ort engines' device feeds, gives host outputs
+    mixed = engine.run({"patch": DLPackOnly(feeds["patch"]), "state": feeds["state"]})
+    assert all(isinstance(v, np.ndarray) for v in mixed.values())
+    np.testing.assert_allclose(mixed["logits"], ort_out["logits"], rtol=1e-5, atol=1e-5)
+    assert engine.calls == 3
+
+
+class DLPackOnly:
+    """An array that offers only the DLPack protocol (as cupy does on a GPU), here over host memory."""
+
+    def __init__(self, array: np.ndarray):
+        self._array = array
+
+    def __dlpack__(self, **kwargs):
+        return self._array.__dlpack__(**{k: v for k, v in kwargs.items() if k != "stream"})
+
+    def __dlpack_device__(self):
+        return self._array.__dlpack_device__()
 
 
 def test_torch_engine_checks_its_arguments(stage):

@@ -185,6 +185,9 @@ def environment(threads: int | None = None) -> dict[str, Any]:
         "opencv": _package_version("opencv-python-headless") if _package_version("opencv-python") == NOT_INSTALLED
         else _package_version("opencv-python"),
         "numpy": _package_version("numpy"),
+        "torch": _package_version("torch"),  # the torch engine's (package metadata: torch is not imported)
+        "cupy": next((v for v in map(_package_version, ("cupy-cuda13x", "cupy-cuda12x", "cupy-cuda11x", "cupy"))
+                      if v != NOT_INSTALLED), NOT_INSTALLED),  # the GPU crop's
         "python": sys.version.split()[0],
         "adafocus": adafocus.__version__,
         "jetson": jetson_info() or UNKNOWN,
@@ -204,7 +207,8 @@ def format_environment(env: dict[str, Any]) -> str:
         f"gpu     {env.get('gpu')}, driver {env.get('gpu_driver')}, CUDA {env.get('cuda')}",
         f"stack   onnxruntime {ort.get('version', UNKNOWN)} ({ort.get('package', '-')}: "
         f"{', '.join(ort.get('providers', [])) or '-'}), TensorRT {env.get('tensorrt')}, "
-        f"OpenCV {env.get('opencv')}, numpy {env.get('numpy')}",
+        f"OpenCV {env.get('opencv')}, numpy {env.get('numpy')}, torch {env.get('torch', UNKNOWN)}, "
+        f"CuPy {env.get('cupy', UNKNOWN)}",
     ]
     if isinstance(jetson, dict):
         lines.append(f"jetson  {jetson['model']}, L4T {jetson['l4t']}, power mode {jetson['power_mode']}, "

@@ -71,6 +71,7 @@ class BenchConfig:
     threads: int | None = None
     checkpoint: str | Path | None = None  # PyTorch checkpoint for the torch engine
     dense: bool = True
+    dense_checkpoint: str | Path | None = None  # dense baseline checkpoint: the torch engine's dense row
     decode_workers: int | None = None  # throughput mode's decode threads (None: a quarter of the CPUs, 1..8)
 
     def workers(self) -> int:
@@ -83,6 +84,7 @@ class BenchConfig:
         d = asdict(self)
         d["bundle"] = str(self.bundle)
         d["checkpoint"] = None if self.checkpoint is None else str(self.checkpoint)
+        d["dense_checkpoint"] = None if self.dense_checkpoint is None else str(self.dense_checkpoint)
         d["labels"] = None if self.labels is None else len(self.labels)
         d["videos"] = len(self.videos)
         d["decode_workers"] = self.workers()
@@ -337,6 +339,13 @@ def open_dense(pipe, config: BenchConfig, engine: str, precision: str):
     from adafocus.engines.registry import create_engine
 
     bundle = pipe.bundle
+    if engine == "torch":
+        if config.dense_checkpoint is None:
+            raise _Skip("no dense baseline for the torch engine without --dense-checkpoint "
+                        "(the adafocus train --dense checkpoint)")
+        from adafocus.export.dense import dense_engine
+
+        return dense_engine(config.dense_checkpoint, pipe.manifest, config.device)
     if not bundle.has_stage("dense"):
         raise _Skip("the bundle has no dense baseline (adafocus add-dense BUNDLE adds one)")
     if not engine.startswith("ort"):

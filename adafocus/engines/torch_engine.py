@@ -30,7 +30,9 @@ class TorchEngine(Engine):
         dtype: numpy dtype of the specs (float32).
 
     numpy feeds give numpy outputs; torch tensor feeds give torch tensors on the engine's device
-    (``device_outputs=True`` also returns tensors for numpy feeds).
+    (``device_outputs=True`` also returns tensors for numpy feeds). Other device arrays (cupy, anything with
+    ``__dlpack__``: the GPU crop's patches) are read in place through DLPack and give numpy outputs, as
+    the ort engines give host outputs for device feeds.
     """
 
     def __init__(
@@ -94,8 +96,11 @@ class TorchEngine(Engine):
             value = feeds[name]
             if isinstance(value, torch.Tensor):
                 as_numpy = False
+            elif not isinstance(value, np.ndarray) and hasattr(value, "__dlpack__"):
+                value = torch.from_dlpack(value)  # a device array (cupy): no copy, same stream order
             else:  # numpy (or anything array-like): shares memory on the CPU
-                value = torch.from_numpy(np.ascontiguousarray(value))
+                value = np.ascontiguousarray(value)
+                value = torch.from_numpy(value if value.flags.writeable else value.copy())
             args.append(value.to(self._tdevice, non_blocking=True))
         with torch.inference_mode():
             result = self.module(*args)

@@ -240,7 +240,7 @@ class Pipeline:
         if lazy is not None:
             glance_in = lazy.first()  # already contiguous: LazyFrames(first=glance_positions)
         elif p.glance_positions is not None:
-            glance_in = frames[np.asarray(p.glance_positions)]
+            glance_in = frames[xp.asarray(p.glance_positions)]
         else:
             glance_in = glance_frames
         if glance_in is None:
