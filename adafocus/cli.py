@@ -377,6 +377,8 @@ def bench_cmd(
     no_dense: bool = typer.Option(False, "--no-dense", help="Skip the dense baseline."),
     dense_checkpoint: Path = typer.Option(None, "--dense-checkpoint", help="Dense baseline checkpoint "
                                           "(adafocus train --dense): the torch engine's dense row."),
+    no_cuda_graphs: bool = typer.Option(False, "--no-cuda-graphs", help="torch engine on cuda: run eager PyTorch "
+                                        "instead of replaying CUDA graphs."),
     max_videos: int = typer.Option(None, "--max-videos", help="Use at most this many videos."),
     json_out: Path = typer.Option(None, "--json", help="Report file [default: ./bench_<model>_<device>_<hw>.json]."),
     plot: Path = typer.Option(None, "--plot", help="Write a plot (.png; adafocus[plot])."),
@@ -398,7 +400,7 @@ def bench_cmd(
     names = [n.strip() for e in (engine or []) for n in e.split(",") if n.strip()] or None
     plan = [b.strip() for b in budgets.split(",") if b.strip()]
     config = BenchConfig(model or _default_bundle(), paths, truth, names, device, plan, batch, warmup, repeats,
-                         threads, checkpoint, not no_dense, dense_checkpoint)
+                         threads, checkpoint, not no_dense, dense_checkpoint, cuda_graphs=not no_cuda_graphs)
     report = run_benchmark(config, log=lambda s: typer.echo(s, err=True))
     print_report(report)
     out = save_json(report, json_out or Path(default_name(report)))

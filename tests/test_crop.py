@@ -132,4 +132,8 @@ def test_crop_gpu_matches_crop_cpu():
     assert get_cropper("cuda:0")(frames_d[:8], boxes, 128).shape == (8, 3, 128, 128)
     if torch.cuda.is_available():  # and against torch's CUDA grid_sample itself
         ref = crop_patches(torch.from_numpy(frames[indices]).cuda(), torch.from_numpy(actions).cuda(), 128, 96, 224)
-        assert float(np.abs(cp.asnumpy(got) - ref.cpu().numpy()).max()) <= 1e-5
+        ref_cpu = crop_patches(torch.from_numpy(frames[indices]), torch.from_numpy(actions), 128, 96, 224)
+        torch_gap = float(np.abs(ref.cpu().numpy() - ref_cpu.numpy()).max())  # torch's CUDA vs CPU kernels
+        ours = float(np.abs(cp.asnumpy(got) - ref.cpu().numpy()).max())
+        # no further from torch's CUDA result than torch's own CPU result is (measured on an H200: 2.4e-4)
+        assert ours <= max(1e-5, 1.01 * torch_gap), (ours, torch_gap)

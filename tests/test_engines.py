@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import subprocess
 import sys
 from pathlib import Path
@@ -314,3 +315,33 @@ def test_ort_cuda_iobinding_host_and_device(tiny_onnx, stage):
         on_gpu = engine.run({k: cupy.asarray(v) for k, v in feeds.items()}, device_outputs=True)
         np.testing.assert_allclose(cupy.asnumpy(on_gpu["logits"]), ref["logits"], rtol=1e-3, atol=1e-3)
     engine.close()
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device for torch")
+def test_torch_engine_cuda_graphs_match_eager(stage):
+    """CUDA graphs: batches padded to a power of two give the eager outputs; device outputs are not overwritten
+    by the next replay; cupy feeds go in through DLPack."""
+    tf32 = torch.backends.cudnn.allow_tf32
+    torch.backends.cudnn.allow_tf32 = False
+    try:
+        eager = create_engine("torch", module=copy.deepcopy(stage), input_names=IN, output_names=OUT, device="cuda",
+                              cuda_graphs=False)
+        graphs = create_engine("torch", module=copy.deepcopy(stage), input_names=IN, output_names=OUT, device="cuda")
+        for batch in (1, 3, 4, 5, 3):
+            feeds = feeds_for(batch, seed=batch)
+            want, got = eager.run(feeds), graphs.run(feeds)
+            for name in OUT:
+                assert got[name].shape == want[name].shape
+                np.testing.assert_allclose(got[name], want[name], rtol=1e-5, atol=1e-5)
+        assert graphs.cuda_graphs and len(graphs._graphs) == 3  # batches 1, 4 and 8
+        first = graphs.run({k: torch.from_numpy(v) for k, v in feeds_for(2, seed=1).items()})
+        graphs.run(feeds_for(2, seed=2))  # same graph, new inputs
+        np.testing.assert_allclose(first["logits"].cpu().numpy(), eager.run(feeds_for(2, seed=1))["logits"],
+                                   rtol=1e-5, atol=1e-5)
+        cupy = pytest.importorskip("cupy")
+        feeds = feeds_for(2, seed=9)
+        on_gpu = graphs.run({k: cupy.asarray(v) for k, v in feeds.items()})
+        np.testing.assert_allclose(on_gpu["logits"], eager.run(feeds)["logits"], rtol=1e-5, atol=1e-5)
+    finally:
+        torch.backends.cudnn.allow_tf32 = tf32

@@ -72,6 +72,7 @@ class BenchConfig:
     checkpoint: str | Path | None = None  # PyTorch checkpoint for the torch engine
     dense: bool = True
     dense_checkpoint: str | Path | None = None  # dense baseline checkpoint: the torch engine's dense row
+    cuda_graphs: bool = True  # the torch engine on cuda replays CUDA graphs (False: eager PyTorch)
     decode_workers: int | None = None  # throughput mode's decode threads (None: a quarter of the CPUs, 1..8)
 
     def workers(self) -> int:
@@ -327,6 +328,7 @@ def open_pipeline(config: BenchConfig, engine: str, precision: str, main_precisi
     kwargs: dict[str, Any] = {"engine": engine, "device": config.device, "threads": config.threads}
     if engine == "torch":
         kwargs["checkpoint"] = config.checkpoint
+        kwargs["cuda_graphs"] = config.cuda_graphs
     if precision != main_precision:
         if "precision" not in inspect.signature(Pipeline.from_bundle).parameters:
             raise _Skip(f"this adafocus cannot load the {precision} files of the bundle")
@@ -345,7 +347,7 @@ def open_dense(pipe, config: BenchConfig, engine: str, precision: str):
                         "(the adafocus train --dense checkpoint)")
         from adafocus.export.dense import dense_engine
 
-        return dense_engine(config.dense_checkpoint, pipe.manifest, config.device)
+        return dense_engine(config.dense_checkpoint, pipe.manifest, config.device, config.cuda_graphs)
     if not bundle.has_stage("dense"):
         raise _Skip("the bundle has no dense baseline (adafocus add-dense BUNDLE adds one)")
     if not engine.startswith("ort"):

@@ -16,6 +16,8 @@ from adafocus.engines.base import Engine, TensorSpec, cuda_device_count
 from adafocus.engines.registry import register_engine
 from adafocus.errors import EngineError, require
 
+MAX_GRAPH_BATCH = 256  # the largest padded batch that gets a CUDA graph
+
 
 @register_engine("torch")
 class TorchEngine(Engine):
@@ -28,6 +30,11 @@ class TorchEngine(Engine):
         device: ``'cpu'`` or ``'cuda[:N]'``; the module is moved there and set to eval mode.
         input_shapes: optional shapes for ``inputs`` specs (None or str for dynamic dims).
         dtype: numpy dtype of the specs (float32).
+        cuda_graphs: on cuda, run the module as CUDA graphs: one graph per input signature, the batch padded
+            with zeros to the next power of two (at most ``MAX_GRAPH_BATCH``; larger batches run eagerly), so
+            that a stage of many small kernels costs one launch, as a TensorRT engine with CUDA graphs would.
+            The first call of each signature captures its graph. A module that cannot be captured runs
+            eagerly (logged once). No effect on the CPU.
 
     numpy feeds give numpy outputs; torch tensor feeds give torch tensors on the engine's device
     (``device_outputs=True`` also returns tensors for numpy feeds). Other device arrays (cupy, anything with
@@ -44,9 +51,12 @@ class TorchEngine(Engine):
         *,
         input_shapes: Mapping[str, Sequence[int | str | None]] | None = None,
         dtype: Any = np.float32,
+        cuda_graphs: bool = True,
         path: Any = None,
     ) -> None:
         super().__init__(device)
+        self.cuda_graphs = bool(cuda_graphs)
+        self._graphs: dict[tuple, tuple[list, Any, dict]] = {}
         if module is None:
             hint = f" (got path={path!r}; the torch engine runs a module, not a file)" if path is not None else ""
             raise EngineError(f"engine 'torch' needs module=, input_names= and output_names={hint}")
@@ -84,6 +94,7 @@ class TorchEngine(Engine):
         self.module = self.module.to(self._tdevice).eval()
 
     def _close_impl(self) -> None:
+        self._graphs.clear()
         if self.device_kind == "cuda":
             self.module = self.module.to("cpu")  # hand the GPU memory back; the module stays usable
 
@@ -91,7 +102,7 @@ class TorchEngine(Engine):
         torch = self._torch
         self._check_feeds(feeds)
         as_numpy = not device_outputs
-        args = []
+        values = []
         for name in self._input_name_list:
             value = feeds[name]
             if isinstance(value, torch.Tensor):
@@ -101,13 +112,63 @@ class TorchEngine(Engine):
             else:  # numpy (or anything array-like): shares memory on the CPU
                 value = np.ascontiguousarray(value)
                 value = torch.from_numpy(value if value.flags.writeable else value.copy())
-            args.append(value.to(self._tdevice, non_blocking=True))
-        with torch.inference_mode():
-            result = self.module(*args)
-        out = self._name_outputs(result)
+            values.append(value)
+        out = self._run_graph(values) if self.cuda_graphs and self.device_kind == "cuda" else None
+        if out is None:
+            args = [v.to(self._tdevice, non_blocking=True) for v in values]
+            with torch.inference_mode():
+                out = self._name_outputs(self.module(*args))
+        elif not as_numpy:  # a graph's outputs are overwritten by its next replay
+            out = {k: v.clone() for k, v in out.items()}
         if as_numpy:
             return {k: v.detach().cpu().numpy() for k, v in out.items()}
         return out
+
+    # -------------------------------------------------------------------------------------- CUDA graphs
+    def _run_graph(self, values: list) -> dict[str, Any] | None:
+        """Replay (capturing first if new) the graph of these inputs' signature; None: run eagerly."""
+        n = int(values[0].shape[0]) if values[0].dim() else 0
+        if n < 1 or any(v.dim() == 0 or int(v.shape[0]) != n for v in values):
+            return None  # no common batch dimension to pad
+        size = 1 << (n - 1).bit_length()
+        if size > MAX_GRAPH_BATCH:
+            return None
+        key = tuple((tuple(v.shape[1:]), v.dtype) for v in values) + (size,)
+        entry = self._graphs.get(key)
+        if entry is None:
+            entry = self._capture(values, size)
+            if entry is None:
+                return None
+            self._graphs[key] = entry
+        static_in, graph, static_out = entry
+        for dst, src in zip(static_in, values, strict=True):
+            dst[:n].copy_(src, non_blocking=True)
+            if n < size:
+                dst[n:].zero_()
+        graph.replay()
+        return {k: v[:n] for k, v in static_out.items()}
+
+    def _capture(self, values: list, size: int) -> tuple[list, Any, dict] | None:
+        import logging
+
+        torch = self._torch
+        static_in = [torch.zeros((size, *v.shape[1:]), dtype=v.dtype, device=self._tdevice) for v in values]
+        try:
+            side = torch.cuda.Stream(self._tdevice)
+            side.wait_stream(torch.cuda.current_stream(self._tdevice))
+            with torch.cuda.stream(side), torch.inference_mode():
+                for _ in range(2):  # warm-up outside the graph (cuDNN picks its kernels, allocations settle)
+                    self.module(*static_in)
+            torch.cuda.current_stream(self._tdevice).wait_stream(side)
+            graph = torch.cuda.CUDAGraph()
+            with torch.inference_mode(), torch.cuda.graph(graph):
+                static_out = self._name_outputs(self.module(*static_in))
+        except Exception as exc:  # a module that syncs or branches on values cannot be captured
+            logging.getLogger(__name__).warning("torch engine: CUDA graph capture failed, running eagerly (%s)",
+                                                " ".join(str(exc).split())[:200])
+            self.cuda_graphs = False
+            return None
+        return static_in, graph, static_out
 
     def _name_outputs(self, result: Any) -> dict[str, Any]:
         names = self._output_name_list

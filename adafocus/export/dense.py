@@ -74,7 +74,7 @@ def random_dense(cfg: ModelConfig, seed: int = 0) -> DenseBaseline:
     return model.eval()
 
 
-def dense_engine(checkpoint: str | Path, manifest: Manifest, device: str = "cpu"):
+def dense_engine(checkpoint: str | Path, manifest: Manifest, device: str = "cpu", cuda_graphs: bool = True):
     """A trained dense baseline (``adafocus train --dense``) as a ``torch`` engine on ``device``:
     ``frames [B, N, 3, S, S] -> logits [B, C]``, the same I/O as ``dense.onnx``. It is what the benchmark's
     torch engine compares against; CheckpointError when it does not fit the bundle."""
@@ -83,7 +83,7 @@ def dense_engine(checkpoint: str | Path, manifest: Manifest, device: str = "cpu"
     model = load_dense(checkpoint)
     _check_compatible(model.cfg, manifest, str(checkpoint))
     return create_engine("torch", module=DenseStage(model), input_names=list(DenseStage.input_names),
-                         output_names=list(DenseStage.output_names), device=device)
+                         output_names=list(DenseStage.output_names), device=device, cuda_graphs=cuda_graphs)
 
 
 def _check_compatible(cfg: ModelConfig, manifest: Manifest, source: str) -> None:

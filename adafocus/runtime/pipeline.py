@@ -120,7 +120,8 @@ class Pipeline:
     @classmethod
     def from_bundle(cls, path: str | os.PathLike, engine: str = "auto", device: str = "cpu",
                     threads: int | None = None, criterion: str | None = None, verify: bool = True,
-                    checkpoint: str | os.PathLike | None = None, precision: str | None = None) -> Pipeline:
+                    checkpoint: str | os.PathLike | None = None, precision: str | None = None,
+                    cuda_graphs: bool = True) -> Pipeline:
         """Load a bundle (checksums verified) and create one engine per stage.
 
         ``engine``: ``auto`` or a registered name (``ort``, ``ort-cuda``, ``ort-tensorrt``, ``tensorrt``,
@@ -128,6 +129,7 @@ class Pipeline:
         PyTorch ``checkpoint`` the bundle was exported from (the export extra is needed for it).
         ``precision``: the stage files to run, the bundle's own (None) or one recorded under
         ``manifest.precisions`` (e.g. ``int8`` from ``adafocus calibrate int8``; ONNX engines only).
+        ``cuda_graphs``: the torch engine on cuda replays each stage as a CUDA graph (see TorchEngine).
         """
         from adafocus.engines.registry import create_engine, resolve_engine
 
@@ -148,7 +150,7 @@ class Pipeline:
                 if checkpoint is None:
                     raise EngineError("the torch engine needs the PyTorch checkpoint: pass checkpoint=PATH "
                                       "(--checkpoint) of the model the bundle was exported from")
-                engines = _torch_stage_engines(checkpoint, bundle, device)
+                engines = _torch_stage_engines(checkpoint, bundle, device, cuda_graphs)
             else:
                 options = {"threads": threads} if threads else {}
                 for stage in stages:
@@ -493,7 +495,7 @@ def _engine_record(bundle: Bundle):
     return next(iter(bundle.manifest.engines.values()))
 
 
-def _torch_stage_engines(checkpoint, bundle: Bundle, device: str) -> dict[str, Any]:
+def _torch_stage_engines(checkpoint, bundle: Bundle, device: str, cuda_graphs: bool = True) -> dict[str, Any]:
     from adafocus.engines.registry import create_engine
     from adafocus.export.stages import SIGNATURES, StageModule
     from adafocus.models import load
@@ -503,5 +505,5 @@ def _torch_stage_engines(checkpoint, bundle: Bundle, device: str) -> dict[str, A
     for stage in ("global", "policy", "local"):
         ins, outs = SIGNATURES[(model.cfg.family, stage)]
         engines[stage] = create_engine("torch", module=StageModule(model, stage), input_names=list(ins),
-                                       output_names=list(outs), device=device)
+                                       output_names=list(outs), device=device, cuda_graphs=cuda_graphs)
     return engines
