@@ -135,5 +135,6 @@ def test_crop_gpu_matches_crop_cpu():
         ref_cpu = crop_patches(torch.from_numpy(frames[indices]), torch.from_numpy(actions), 128, 96, 224)
         torch_gap = float(np.abs(ref.cpu().numpy() - ref_cpu.numpy()).max())  # torch's CUDA vs CPU kernels
         ours = float(np.abs(cp.asnumpy(got) - ref.cpu().numpy()).max())
-        # no further from torch's CUDA result than torch's own CPU result is (measured on an H200: 2.4e-4)
+        # no further from torch's CUDA result than torch's own CPU result is: on an H200 both were 2.8e-4 away,
+        # while the GPU crop and the CPU crop agreed to 1e-6
         assert ours <= max(1e-5, 1.01 * torch_gap), (ours, torch_gap)
