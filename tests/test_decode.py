@@ -132,13 +132,7 @@ def test_real_h264_sample(sample_mp4):
     assert v.frames.shape == (8, 720, 1280, 3)
     np.testing.assert_array_equal(v.indices, segment_indices(132, 8))
     # the same frames read one by one with plain cv2.read()
-    cap = cv2.VideoCapture(str(sample_mp4))
-    every = []
-    while True:
-        ok, f = cap.read()
-        if not ok:
-            break
-        every.append(f)
+    every = videos.read_all_frames(sample_mp4)
     assert len(every) == 132
     for row, i in zip(v.frames, v.indices, strict=True):
         np.testing.assert_array_equal(row, cv2.cvtColor(every[i], cv2.COLOR_BGR2RGB))

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import csv
 
-import cv2
 import numpy as np
 import pytest
+from videos import read_all_frames
 
 from adafocus.dataset import class_names, label_indices, load_split, read_labels_csv
 from adafocus.demo.data import CLASSES, TINTS, DemoDataConfig, generate, render_video, split_counts
@@ -16,15 +16,7 @@ SMALL = {"frames": 8, "size": 64, "target_size": (14, 18), "decoys": (1, 2), "sh
 
 
 def _decode(path):
-    cap = cv2.VideoCapture(str(path))
-    frames = []
-    while True:
-        ok, f = cap.read()
-        if not ok:
-            break
-        frames.append(f)
-    cap.release()
-    return np.stack(frames)
+    return np.stack(read_all_frames(path))
 
 
 @pytest.fixture(scope="module")

@@ -32,6 +32,20 @@ def write_video(path: str | os.PathLike, frames: np.ndarray, fps: float = 25.0, 
     return Path(path)
 
 
+def read_all_frames(path: str | os.PathLike) -> list[np.ndarray]:
+    """Every frame of a video, BGR, read one by one with plain ``cv2.VideoCapture.read`` (the reference the
+    decoder and the demo data are checked against)."""
+    cap = cv2.VideoCapture(str(path))
+    frames = []
+    while True:
+        ok, frame = cap.read()
+        if not ok:
+            break
+        frames.append(frame)
+    cap.release()
+    return frames
+
+
 def numbered_frames(num: int, height: int = 48, width: int = 80, gray: bool = False) -> np.ndarray:
     """Frames whose picture encodes their index in ``BITS`` blocks; colour frames also get a hue per frame."""
     rows, cols = _GRID
