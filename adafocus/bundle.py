@@ -213,6 +213,9 @@ class Manifest:
     precisions: dict[str, dict[str, str]] = field(default_factory=dict)  # e.g. "int8" -> stage -> file
     verification: dict[str, Any] = field(default_factory=dict)
     training: dict[str, Any] | None = None
+    # where the stages came from: {"checkpoint": file name (never a directory), "weights_sha256": digest of
+    # the float weights}; the torch engine refuses a checkpoint whose digest differs
+    source: dict[str, Any] = field(default_factory=dict)
     format: str = FORMAT
     format_version: int = FORMAT_VERSION
 
@@ -237,6 +240,7 @@ class Manifest:
             "precisions": {k: dict(v) for k, v in self.precisions.items()},
             "verification": self.verification,
             "training": self.training,
+            "source": dict(self.source),
         }
 
     @classmethod
@@ -274,6 +278,7 @@ class Manifest:
                             for k, v in d.get("precisions", {}).items()},
                 verification=dict(d.get("verification") or {}),
                 training=d.get("training"),
+                source=dict(d.get("source") or {}),
                 format_version=version,
             )
         except BundleError:

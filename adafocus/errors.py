@@ -27,6 +27,11 @@ class EngineError(AdaFocusError):
     """An engine cannot be created or run."""
 
 
+class ConfigError(AdaFocusError, ValueError):
+    """A model config, preset, option or device string is invalid (also a ValueError, for callers that
+    catch that)."""
+
+
 class DataError(AdaFocusError):
     """A labelled data set (videos + labels CSV) is missing or malformed."""
 
