@@ -30,6 +30,8 @@ from pathlib import Path, PurePosixPath
 from typing import Any
 
 from adafocus.errors import BundleError
+from adafocus.schema import SchemaError, read_record
+from adafocus.schema import describe as describe_value
 
 FORMAT = "adafocus-bundle"
 FORMAT_VERSION = 1
@@ -41,18 +43,18 @@ BATCH = "batch"  # the only symbolic dimension in any stage's inputs and outputs
 
 # ------------------------------------------------------------------------------------------- records
 class _Record:
-    """JSON round trip of a flat dataclass; unknown keys are an error (a manifest of another version)."""
+    """JSON round trip of a dataclass: typed reading (adafocus.schema) names the key path of a bad value."""
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
 
     @classmethod
-    def from_dict(cls, d: dict):
-        return cls(**_known(cls, d, cls.__name__))
+    def from_dict(cls, d: dict, path: str = ""):
+        return read_record(cls, d, path or cls.__name__.lower())
 
 
 @dataclass
-class TensorInfo:
+class TensorInfo(_Record):
     """One named input or output of a stage: ``shape`` holds ints and at most the symbol ``"batch"``."""
 
     name: str
@@ -62,16 +64,12 @@ class TensorInfo:
     def to_dict(self) -> dict:
         return {"name": self.name, "shape": list(self.shape), "dtype": self.dtype}
 
-    @classmethod
-    def from_dict(cls, d: dict) -> TensorInfo:
-        return cls(str(d["name"]), list(d["shape"]), str(d["dtype"]))
-
     def __str__(self) -> str:
         return f"{self.name}: {self.dtype}[{', '.join(str(s) for s in self.shape)}]"
 
 
 @dataclass
-class StageInfo:
+class StageInfo(_Record):
     """One stage's file, I/O and cost (GFLOPs = multiply-adds of one call at batch 1)."""
 
     file: str
@@ -82,11 +80,6 @@ class StageInfo:
     def to_dict(self) -> dict:
         return {"file": self.file, "inputs": [t.to_dict() for t in self.inputs],
                 "outputs": [t.to_dict() for t in self.outputs], "gflops": self.gflops}
-
-    @classmethod
-    def from_dict(cls, d: dict) -> StageInfo:
-        return cls(str(d["file"]), [TensorInfo.from_dict(t) for t in d["inputs"]],
-                   [TensorInfo.from_dict(t) for t in d["outputs"]], float(d["gflops"]))
 
 
 @dataclass
@@ -153,18 +146,11 @@ class ExitPolicy(_Record):
 
 
 @dataclass
-class FileEntry:
+class FileEntry(_Record):
     """sha256 (hex) and size in bytes of one bundle file."""
 
     sha256: str
     size: int
-
-    def to_dict(self) -> dict:
-        return {"sha256": self.sha256, "size": self.size}
-
-    @classmethod
-    def from_dict(cls, d: dict) -> FileEntry:
-        return cls(str(d["sha256"]), int(d["size"]))
 
 
 @dataclass
@@ -250,7 +236,7 @@ class Manifest:
             found = d.get("format") if isinstance(d, dict) else None
             raise BundleError(f"not an adafocus bundle manifest (format {found!r}, expected {FORMAT!r})")
         version = d.get("format_version")
-        if not isinstance(version, int):
+        if not isinstance(version, int) or isinstance(version, bool):
             raise BundleError(f"bundle manifest has no valid format_version ({version!r})")
         if version > FORMAT_VERSION:
             raise BundleError(f"bundle format version {version} is newer than this adafocus supports "
@@ -259,35 +245,10 @@ class Manifest:
             raise BundleError(f"bundle format version {version} is older than this adafocus supports "
                               f"({FORMAT_VERSION}): re-export it with adafocus-export")
         try:
-            m = cls(
-                producer=dict(d["producer"]),
-                created=str(d["created"]),
-                preset=d.get("preset"),
-                family=str(d["family"]),
-                config=dict(d["config"]),
-                labels=[str(x) for x in d["labels"]],
-                preprocessing=Preprocessing.from_dict(d["preprocessing"]),
-                stages={k: StageInfo.from_dict(v) for k, v in d["stages"].items()},
-                costs=Costs.from_dict(d["costs"]),
-                exit=ExitPolicy.from_dict(d["exit"]),
-                opset=int(d["opset"]),
-                precision=str(d["precision"]),
-                files={k: FileEntry.from_dict(v) for k, v in d.get("files", {}).items()},
-                engines={k: EngineRecord.from_dict(v) for k, v in d.get("engines", {}).items()},
-                precisions={str(k): {str(s): str(f) for s, f in v.items()}
-                            for k, v in d.get("precisions", {}).items()},
-                verification=dict(d.get("verification") or {}),
-                training=d.get("training"),
-                source=dict(d.get("source") or {}),
-                format_version=version,
-            )
-        except BundleError:
-            raise
-        except (KeyError, TypeError, ValueError, AttributeError) as exc:
-            raise BundleError(f"malformed bundle manifest: {type(exc).__name__}: {exc}") from exc
-        missing = [s for s in STAGES if s not in m.stages]
-        if missing:
-            raise BundleError(f"bundle manifest lacks the stage(s) {', '.join(missing)}")
+            m = read_record(cls, d, "")
+            check_manifest(m)
+        except SchemaError as exc:
+            raise BundleError(f"bad bundle manifest: {exc}") from None  # read_manifest adds the file
         return m
 
     def referenced_files(self) -> list[str]:
@@ -301,6 +262,129 @@ class Manifest:
 
     def num_exits(self) -> int:
         return len(self.costs.exits)
+
+
+FAMILIES = ("base", "tsm")  # model families the runtime knows
+PRECISIONS = ("fp32", "fp16")  # precisions of a bundle's own stage files
+
+
+def check_manifest(m: Manifest) -> None:
+    """Values that type-check but cannot work together (a crop larger than the frame, exits that do not
+    match the steps, a threshold table of the wrong length, ...): SchemaError naming the key path.
+
+    Every manifest that passes this and whose files match their checksums runs (tests/test_manifest.py)."""
+    from adafocus.runtime.exits import CRITERIA
+
+    def need(ok: bool, path: str, what: str) -> None:
+        if not ok:
+            raise SchemaError(f"{path} {what}")
+
+    need(m.family in FAMILIES, "family", f"must be one of {', '.join(FAMILIES)}, found {m.family!r}")
+    need(m.precision in PRECISIONS, "precision", f"must be one of {', '.join(PRECISIONS)}, found {m.precision!r}")
+    need(len(m.labels) >= 1, "labels", "must name at least one class")
+    p = m.preprocessing
+    for key in ("resize_size", "frame_size", "glance_size", "num_segments", "num_glance", "candidates",
+                "num_focus", "patch_size", "patches_per_step"):
+        need(getattr(p, key) >= 1, f"preprocessing.{key}", f"must be at least 1, found {getattr(p, key)}")
+    need(p.frame_size <= p.resize_size, "preprocessing.frame_size",
+         f"({p.frame_size}) must not exceed preprocessing.resize_size ({p.resize_size})")
+    need(len(p.mean) == 3 and len(p.std) == 3, "preprocessing.mean/std", "must hold 3 values each (R, G, B)")
+    need(all(v > 0 for v in p.std), "preprocessing.std", "must be positive")
+    need(0 < p.crop_min <= p.crop_max <= p.frame_size, "preprocessing.crop_min/crop_max",
+         f"must satisfy 0 < crop_min <= crop_max <= frame_size, found {p.crop_min:g}, {p.crop_max:g}")
+    need(p.num_focus <= p.candidates, "preprocessing.num_focus", f"({p.num_focus}) must not exceed "
+         f"preprocessing.candidates ({p.candidates})")
+    if p.glance_positions is not None:
+        need(len(p.glance_positions) == p.num_glance, "preprocessing.glance_positions",
+             f"must hold num_glance ({p.num_glance}) positions, found {len(p.glance_positions)}")
+        need(all(0 <= i < p.candidates for i in p.glance_positions), "preprocessing.glance_positions",
+             f"must lie in [0, candidates = {p.candidates})")
+        need(p.candidates == p.num_segments, "preprocessing.candidates", "must equal num_segments when the "
+             "glance frames are candidates (glance_positions given)")
+    for stage in STAGES:
+        need(stage in m.stages, f"stages.{stage}", "is missing")
+    for name, st in m.stages.items():
+        _safe_name(st.file)
+        need(st.gflops >= 0, f"stages.{name}.gflops", "must not be negative")
+        for kind in ("inputs", "outputs"):
+            tensors = getattr(st, kind)
+            need(len(tensors) >= 1, f"stages.{name}.{kind}", "must list at least one tensor")
+            for i, t in enumerate(tensors):
+                dims_ok = all(d == BATCH if isinstance(d, str) else d >= 1 for d in t.shape)
+                need(dims_ok, f"stages.{name}.{kind}[{i}].shape", f"must hold positive sizes or {BATCH!r}, "
+                     f"found {t.shape}")
+    _check_stage_io(m)
+    c = m.costs
+    need(len(c.exits) >= 2, "costs.exits", f"must list the cost of every exit (at least 2), found {len(c.exits)}")
+    rising = all(b >= a for a, b in zip(c.exits, c.exits[1:], strict=False))
+    need(all(v >= 0 for v in c.exits) and rising, "costs.exits",
+         "must be non-negative and non-decreasing (cumulative GFLOPs at exit 0, 1, ...)")
+    steps = p.num_focus if m.family == "base" else 1
+    need(len(c.exits) == steps + 1, "costs.exits", f"must hold {steps + 1} exits for the {m.family} family with "
+         f"{p.num_focus} focus frames, found {len(c.exits)}")
+    need(c.dense is None or c.dense > 0, "costs.dense", "must be positive")
+    need(m.exit.criterion in CRITERIA, "exit.criterion", f"must be one of {', '.join(CRITERIA)}, found "
+         f"{m.exit.criterion!r}")
+    tables = {"exit.thresholds": m.exit.thresholds,
+              **{f"exit.by_precision.{k}": v for k, v in m.exit.by_precision.items()}}
+    for path, table in tables.items():
+        for key, entry in table.items():
+            _check_threshold_entry(entry, f"{path}.{key}", len(c.exits))
+    for prec, files in m.precisions.items():
+        for stage, file in files.items():
+            need(stage in m.stages, f"precisions.{prec}.{stage}", f"is not a stage of the bundle "
+                 f"({', '.join(m.stages)})")
+            _safe_name(file)
+    for name, entry in m.files.items():
+        _safe_name(name)
+        need(len(entry.sha256) == 64 and all(ch in "0123456789abcdef" for ch in entry.sha256),
+             f"files.{name}.sha256", "must be 64 lower-case hex digits")
+        need(entry.size >= 0, f"files.{name}.size", "must not be negative")
+
+
+def _check_stage_io(m: Manifest) -> None:
+    """The stages' recorded I/O agrees with the preprocessing and the labels (the engines' real I/O is
+    checked against these records when the engines are created)."""
+    p, classes = m.preprocessing, len(m.labels)
+
+    def tensor(stage: str, kind: str, index: int) -> TensorInfo:
+        tensors = getattr(m.stages[stage], kind)
+        if index >= len(tensors):
+            raise SchemaError(f"stages.{stage}.{kind} must list at least {index + 1} tensors")
+        return tensors[index]
+
+    def expect(stage: str, kind: str, index: int, dims: slice, want: list[int], meaning: str) -> None:
+        t = tensor(stage, kind, index)
+        if t.shape[dims] != want:
+            raise SchemaError(f"stages.{stage}.{kind}[{index}].shape {t.shape} does not match {meaning} {want}")
+
+    frames = [p.num_glance, 3, p.frame_size, p.frame_size]
+    expect("global", "inputs", 0, slice(1, None), frames, "preprocessing (num_glance, 3, frame_size, frame_size)")
+    for stage in ("global", "local"):
+        logits = next((i for i, t in enumerate(m.stages[stage].outputs) if t.name == "logits"), None)
+        if logits is None:
+            raise SchemaError(f"stages.{stage}.outputs has no 'logits' tensor")
+        expect(stage, "outputs", logits, slice(-1, None), [classes], "the number of labels")
+    expect("local", "inputs", 0, slice(-3, None), [3, p.patch_size, p.patch_size],
+           "preprocessing (3, patch_size, patch_size)")
+
+
+def _check_threshold_entry(entry: Any, path: str, exits: int) -> None:
+    from adafocus.schema import check
+
+    if not isinstance(entry, dict):
+        raise SchemaError(f"{path} must be an object, found {describe_value(entry)}")
+    for key, tp in (("budget_gflops", float), ("thresholds", list[float | None])):
+        if key not in entry:
+            raise SchemaError(f"{path}.{key} is missing")
+        entry[key] = check(entry[key], tp, f"{path}.{key}")
+    if "max_gflops" in entry:
+        entry["max_gflops"] = check(entry["max_gflops"], float, f"{path}.max_gflops")
+    if len(entry["thresholds"]) != exits:
+        raise SchemaError(f"{path}.thresholds must hold one value per exit ({exits}), found "
+                          f"{len(entry['thresholds'])}")
+    if not entry["budget_gflops"] > 0:
+        raise SchemaError(f"{path}.budget_gflops must be positive")
 
 
 def now_iso() -> str:
@@ -415,7 +499,13 @@ def read_manifest(bundle_dir: str | Path) -> Manifest:
         data = json.loads(path.read_text(encoding="utf-8"))
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise BundleError(f"{path} is not valid JSON ({exc})") from exc
-    return Manifest.from_dict(data)
+    try:
+        return Manifest.from_dict(data)
+    except BundleError as exc:
+        text = str(exc)
+        if text.startswith("bad bundle manifest: "):
+            text = f"bad bundle manifest {path}: " + text[len("bad bundle manifest: "):]
+        raise BundleError(text) from None
 
 
 def verify_files(bundle_dir: str | Path, manifest: Manifest) -> None:
@@ -495,6 +585,10 @@ def update_manifest(bundle_dir: str | Path, fn: Callable[[Manifest], Manifest | 
     bundle = load_bundle(bundle_dir, verify=verify)
     manifest = fn(bundle.manifest) or bundle.manifest
     manifest.files = checksum_files(bundle.path, manifest.referenced_files())
+    try:
+        check_manifest(manifest)  # a tool's edit never leaves a manifest that load_bundle would refuse
+    except SchemaError as exc:
+        raise BundleError(f"refusing to write an invalid manifest to {bundle.path}: {exc}") from None
     write_manifest(bundle.path, manifest)
     return manifest
 
@@ -506,14 +600,6 @@ def _safe_name(name: str) -> str:
     if not name or p.is_absolute() or ".." in p.parts or "\\" in name:
         raise BundleError(f"bad bundle file name {name!r}: must be a relative path inside the bundle")
     return name
-
-
-def _known(cls, d: dict, what: str) -> dict:
-    names = {f.name for f in dataclasses.fields(cls)}
-    unknown = sorted(set(d) - names)
-    if unknown:
-        raise BundleError(f"unknown {what} keys in bundle manifest: {', '.join(unknown)}")
-    return dict(d)
 
 
 __all__ = [

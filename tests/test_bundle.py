@@ -96,9 +96,9 @@ def test_other_format_versions_are_refused(bundle_dir, version, words):
 
 @pytest.mark.parametrize("edit, match", [
     (lambda d: d.update(format="something-else"), "not an adafocus bundle"),
-    (lambda d: d["stages"].pop("policy"), "lacks the stage"),
-    (lambda d: d["costs"].update(surprise=1), "unknown Costs keys"),
-    (lambda d: d.pop("labels"), "malformed bundle manifest"),
+    (lambda d: d["stages"].pop("policy"), "stages.policy is missing"),
+    (lambda d: d["costs"].update(surprise=1), "unknown key costs.surprise"),
+    (lambda d: d.pop("labels"), "bad bundle manifest .*manifest.json: labels is missing"),
     (lambda d: d["files"].update({"../escape.onnx": {"sha256": "0", "size": 1}}), "bad bundle file name"),
 ])
 def test_malformed_manifests_are_refused(bundle_dir, edit, match):
@@ -143,15 +143,16 @@ def test_update_manifest_adds_files_and_rehashes(bundle_dir):
     (bundle_dir / "dense.onnx").write_bytes(b"dense graph")
 
     def add(m: Manifest) -> None:
-        m.exit.thresholds["budget-1.0"] = [None, 3.5, 3.0, 2.5, 2.0]
+        table = [None, 3.5, 3.0, 2.5, 2.0, 1.5, 1.0, 0.5, 0.0][:m.num_exits()]
+        m.exit.thresholds["budget-1.0"] = {"budget_gflops": 1.0, "thresholds": table}
         m.precisions["int8"] = {"global": "global.onnx", "policy": "policy.onnx", "local": "local.int8.onnx"}
-        m.stages["dense"] = StageInfo("dense.onnx", [], [], 4.0)
+        m.stages["dense"] = StageInfo("dense.onnx", m.stages["global"].inputs, m.stages["global"].outputs, 4.0)
         m.costs.dense = 4.0
 
     m = update_manifest(bundle_dir, add)
     assert m.files["local.int8.onnx"].size == len(b"int8 graph")
     b = load_bundle(bundle_dir)  # verifies the new files too
-    assert b.has_stage("dense") and b.manifest.exit.thresholds["budget-1.0"][1] == 3.5
+    assert b.has_stage("dense") and b.manifest.exit.thresholds["budget-1.0"]["thresholds"][1] == 3.5
     assert b.manifest.precisions["int8"]["local"] == "local.int8.onnx" and b.manifest.costs.dense == 4.0
     assert "int8: global global.onnx" in b.describe()
     assert sorted(p.name for p in bundle_dir.iterdir()) == sorted(

@@ -20,6 +20,8 @@ from collections.abc import Callable
 import torch
 import torch.nn as nn
 
+from adafocus.errors import ConfigError
+
 STAGE_METHODS = {"global": "glance", "policy": "policy", "local": "local"}
 
 # (family, stage) -> (input names, output names); order = the method's arguments and return values
@@ -58,7 +60,7 @@ class StageModule(nn.Module):
 def build_stages(model: nn.Module, precision: str = "fp32") -> dict[str, StageModule]:
     """The three stages of ``model`` (eval). fp16 wraps a half-precision copy; ``model`` is left untouched."""
     if precision not in ("fp32", "fp16"):
-        raise ValueError(f"precision must be fp32 or fp16, not {precision!r}")
+        raise ConfigError(f"precision must be fp32 or fp16, not {precision!r}")
     model.eval()
     if precision == "fp16":
         model = copy.deepcopy(model).half().eval()

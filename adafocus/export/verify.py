@@ -48,6 +48,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from adafocus.bundle import STAGES, Bundle, Manifest, load_bundle
+from adafocus.errors import ConfigError
 from adafocus.export.onnx_export import ExportError
 from adafocus.export.stages import build_stages, example_inputs
 from adafocus.runtime.sampling import crop_boxes
@@ -410,7 +411,7 @@ def verify_bundle(model: nn.Module, bundle_dir: str | Path, precision: str = "fp
     from adafocus.runtime.pipeline import Pipeline
 
     if precision not in TOLERANCES:
-        raise ValueError(f"precision must be one of {', '.join(TOLERANCES)}, not {precision!r}")
+        raise ConfigError(f"precision must be one of {', '.join(TOLERANCES)}, not {precision!r}")
     bundle = Bundle(Path(bundle_dir), manifest) if manifest is not None else load_bundle(bundle_dir)
     engines = ort_engines(bundle.path, {s: st.file for s, st in bundle.manifest.stages.items() if s in STAGES})
     try:

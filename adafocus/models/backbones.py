@@ -11,6 +11,8 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 
+from adafocus.errors import ConfigError
+
 
 def make_divisible(value: float, divisor: int = 8) -> int:
     return int(((value + divisor / 2) // divisor) * divisor) if value >= divisor else divisor
@@ -162,7 +164,7 @@ class ResNet(nn.Module):
     def __init__(self, arch: str = "resnet50", width: int = 64, num_classes: int = 0):
         super().__init__()
         if arch not in RESNETS:
-            raise ValueError(f"unknown ResNet {arch!r}; known: {', '.join(RESNETS)}")
+            raise ConfigError(f"unknown ResNet {arch!r}; known: {', '.join(RESNETS)}")
         block, layers = RESNETS[arch]
         self.inplanes = width
         self.conv1 = nn.Conv2d(3, width, 7, 2, 3, bias=False)

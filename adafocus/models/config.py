@@ -5,6 +5,8 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass, field
 
+from adafocus.errors import ConfigError
+
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
@@ -74,7 +76,7 @@ class ModelConfig:
         if self.labels and len(self.labels) != self.num_classes:
             errors.append(f"{len(self.labels)} labels for {self.num_classes} classes")
         if errors:
-            raise ValueError("invalid model config: " + "; ".join(errors))
+            raise ConfigError("invalid model config: " + "; ".join(errors))
 
     @property
     def candidates(self) -> int:
@@ -105,11 +107,10 @@ class ModelConfig:
 
     @classmethod
     def from_dict(cls, d: dict) -> ModelConfig:
-        names = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(d) - names)
-        if unknown:
-            raise ValueError(f"unknown model config keys: {', '.join(unknown)}")
-        return cls(**d)
+        """A config from JSON (a checkpoint's or a manifest's): typed, unknown keys refused with the key path."""
+        from adafocus.schema import read_record
+
+        return read_record(cls, d, "config")
 
     def replace(self, **changes) -> ModelConfig:
         return dataclasses.replace(self, **changes)

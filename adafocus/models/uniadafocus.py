@@ -22,6 +22,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from adafocus.errors import ConfigError
 from adafocus.models.backbones import MobileNetV2, ResNet
 from adafocus.models.classifier import PoolingClassifier
 from adafocus.models.config import ModelConfig
@@ -174,4 +175,4 @@ def build_model(cfg: ModelConfig) -> nn.Module:
         from adafocus.models.tsm import UniAdaFocusTSM
 
         return UniAdaFocusTSM(cfg)
-    raise ValueError(f"unknown model family {cfg.family!r}")
+    raise ConfigError(f"unknown model family {cfg.family!r}")

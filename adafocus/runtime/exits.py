@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import numpy as np
 
+from adafocus.errors import ConfigError
+
 CRITERIA = ("max_logit", "neg_entropy")
 
 
@@ -16,7 +18,7 @@ def confidence(logits: np.ndarray, criterion: str = "max_logit") -> np.ndarray:
         z = x - x.max(axis=-1, keepdims=True)
         logp = z - np.log(np.exp(z).sum(axis=-1, keepdims=True))
         return (np.exp(logp) * logp).sum(axis=-1)
-    raise ValueError(f"unknown exit criterion {criterion!r}; known: {', '.join(CRITERIA)}")
+    raise ConfigError(f"unknown exit criterion {criterion!r}; known: {', '.join(CRITERIA)}")
 
 
 def first_exit(scores: np.ndarray, thresholds) -> np.ndarray:

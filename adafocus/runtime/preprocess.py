@@ -31,6 +31,8 @@ from collections.abc import Sequence
 import cv2
 import numpy as np
 
+from adafocus.errors import ConfigError
+
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
@@ -52,7 +54,7 @@ def resized_shape(height: int, width: int, size: int) -> tuple[int, int]:
 def _check_interpolation(name: str) -> None:
     if name != "auto" and name not in INTERPOLATIONS:
         known = ", ".join(["auto", *INTERPOLATIONS])
-        raise ValueError(f"unknown interpolation {name!r}; known: {known}")
+        raise ConfigError(f"unknown interpolation {name!r}; known: {known}")
 
 
 def _shrink_auto(frame: np.ndarray, nh: int, nw: int) -> np.ndarray:
