@@ -199,26 +199,28 @@ def test_prefetch_videos_in_order_with_errors(tmp_path, numbered_video):
 
 
 def test_prefetcher_overlaps_and_bounds_work():
-    started: list[int] = []
-    lock = threading.Lock()
+    """Checked with events and counts, not wall time: while the consumer holds item i, the work on item i+1 runs
+    in the background, and exactly ``depth`` items beyond the one in hand have been taken from the input."""
+    pulled: list[int] = []
+    started = [threading.Event() for _ in range(6)]
+
+    def items():
+        for i in range(6):
+            pulled.append(i)
+            yield i
 
     def work(i: int) -> int:
-        with lock:
-            started.append(i)
-        time.sleep(0.1)
+        started[i].set()
         return i * i
 
-    t0 = time.perf_counter()
-    pre = Prefetcher(range(6), work, depth=2)
+    pre = Prefetcher(items(), work, depth=2)
     out = []
     for item, result in pre:
-        with lock:  # never more than `depth` items beyond the one in hand
-            assert len(started) <= item + 1 + 2
-        time.sleep(0.1)  # "inference" on the current item
+        assert len(pulled) <= item + 1 + 2  # never more than `depth` items beyond the one in hand
+        if item + 1 < 6:  # the timeout only ends a hang; a serial prefetcher would never start it
+            assert started[item + 1].wait(timeout=60), f"work on item {item + 1} did not start while {item} was held"
         out.append(result)
-    elapsed = time.perf_counter() - t0
     assert out == [i * i for i in range(6)]
-    assert elapsed < 1.0  # 6 x (100 + 100) ms in series is 1.2 s; overlapped about 0.7 s
 
 
 def test_prefetcher_close_drops_pending_work():

@@ -14,10 +14,12 @@ from bundles import random_demo_bundle
 onnx = pytest.importorskip("onnx")
 
 from adafocus.bundle import load_bundle  # noqa: E402
+from adafocus.calibration.collect import collect  # noqa: E402
 from adafocus.calibration.int8 import Int8Options, calibrate_int8, install_int8, int8_name  # noqa: E402
+from adafocus.calibration.thresholds import calibrate_thresholds  # noqa: E402
 from adafocus.cli import main  # noqa: E402
 from adafocus.dataset import load_split  # noqa: E402
-from adafocus.errors import BundleError  # noqa: E402
+from adafocus.errors import AdaFocusError, BundleError  # noqa: E402
 from adafocus.runtime.pipeline import Pipeline  # noqa: E402
 
 OPTIONS = {"calib_videos": 3, "calib_split": "train", "heldout_split": "test", "threads": 1}
@@ -84,56 +86,174 @@ def test_int8_bundle_is_written_and_runs(setup, tmp_path):
     assert not [p for p in work.iterdir() if p.name.startswith(".")]
 
 
-def _self_labelled(bundle: Path, data: Path, out: Path) -> Path:
-    """Labels = the fp32 model's own predictions: fp32 scores 100%, and INT8 of a random model (logits nearly
-    tied), calibrated on a single video (crude activation ranges), disagrees on some of the videos."""
-    test = load_split(data, "test") + load_split(data, "train")  # more videos: more near-ties to flip
-    with Pipeline.from_bundle(bundle, threads=1) as pipe:
-        preds = [pipe(v.path).label for v in test]
+# ------------------------------------------------------------------------- the gate, forced either way
+# The quantizer is replaced (int8.quantize_stage, looked up on every call) by one that decides the gate: the
+# stages that must pass get an exact copy of their float file (fp32's predictions: a drop of exactly 0), the
+# stages that must fail a copy whose logits name class `hot` on every video, a class that no label uses (top-1
+# 0 wherever that stage decides the prediction). Nothing depends on how INT8 rounding treats a random model.
+GATE = {**OPTIONS, "calib_videos": 1, "max_drop": 0.0}
+
+
+@pytest.fixture(scope="module")
+def gated(setup, tmp_path_factory):
+    """The random bundle with a glance-only operating point (a per-video cap at the glance cost: the gate then
+    reads the glance's predictions as well as the last exit's), and held-out labels fp32 gets right on both
+    rows: the first video labelled with its glance prediction, the others with their last exit's. Returns
+    (bundle, data, hot, drops): ``hot`` is a class no label uses, ``drops`` each row's top-1 drop when the
+    stage deciding it predicts ``hot``: 'glance' (the global encoder's logits) and 'last' (the local's)."""
+    bundle, data = setup
+    root = tmp_path_factory.mktemp("gated")
+    work = Path(shutil.copytree(bundle, root / "bundle"))
+    glance = load_bundle(work).manifest.costs.exits[0]
+    calibrate_thresholds(work, data, [glance], max_gflops=glance, calib_split="val", heldout_split=None, threads=1)
+    held = load_split(data, "test")
+    with Pipeline.from_bundle(work, engine="ort", device="cpu", threads=1) as pipe:  # as the gate runs fp32
+        preds = collect(pipe, [v.path for v in held]).preds  # [videos, exits]
+        names = list(pipe.labels)
+    assert len(held) >= 2 and preds.shape[1] > 1
+    labels = np.concatenate([preds[:1, 0], preds[1:, -1]])
+    hot = next(c for c in range(len(names)) if c not in labels)
+    out = root / "data"  # no val.csv: INT8 is gated at the fp32 thresholds (no table of its own to solve)
     out.mkdir()
     rows = {"train": [(v.path, v.label) for v in load_split(data, "train")],
-            "test": [(v.path, p) for v, p in zip(test, preds, strict=True)]}
+            "test": [(v.path, names[c]) for v, c in zip(held, labels, strict=True)]}
     for split, pairs in rows.items():
         (out / f"{split}.csv").write_text("video,label\n" + "".join(f"{v},{lab}\n" for v, lab in pairs))
-    return out
+    drops = {"glance": 100 * float(np.mean(preds[:, 0] == labels)),
+             "last": 100 * float(np.mean(preds[:, -1] == labels))}
+    assert drops["glance"] > 0 and drops["last"] > 0
+    return work, out, hot, drops
 
 
-def test_failed_gate_leaves_the_bundle_as_it_was(setup, tmp_path, capsys):
-    """Both encoders in INT8 against their own fp32 predictions: a gate of 0 points must fail."""
-    bundle, data = setup
-    bundle = Path(shutil.copytree(bundle, tmp_path / "copy"))  # a gate that passed must not touch the fixture
-    fake = _self_labelled(bundle, data, tmp_path / "data")
+def _write_forced_logits(src: Path, dst: Path, hot: int) -> None:
+    """``src`` with its ``logits`` output replaced by ``logits * 0 + one_hot(hot)``; the other outputs as they were."""
+    from onnx import helper, numpy_helper
+
+    model = onnx.load(str(src))
+    (out,) = [o for o in model.graph.output if o.name == "logits"]
+    classes = out.type.tensor_type.shape.dim[-1].dim_value
+    for node in model.graph.node:
+        for names in (node.input, node.output):
+            for i, name in enumerate(names):
+                if name == "logits":
+                    names[i] = "logits_float"
+    one_hot = np.zeros(classes, np.float32)
+    one_hot[hot] = 1.0
+    model.graph.initializer.extend([numpy_helper.from_array(np.zeros(classes, np.float32), "forced_zero"),
+                                    numpy_helper.from_array(one_hot, "forced_one_hot")])
+    model.graph.node.extend([helper.make_node("Mul", ["logits_float", "forced_zero"], ["forced_zeroed"]),
+                             helper.make_node("Add", ["forced_zeroed", "forced_one_hot"], ["logits"])])
+    onnx.checker.check_model(model)
+    onnx.save(model, str(dst))
+
+
+def _force(monkeypatch, hot: int, failing: set[str]) -> list[str]:
+    """Replace the quantizer (see above); returns the list of stages it is asked for, in order."""
+    calls: list[str] = []
+
+    def quantize(src, dst, feeds, *args, **kwargs) -> int:
+        stage = Path(src).name.split(".")[0]
+        calls.append(stage)
+        if stage in failing:
+            _write_forced_logits(Path(src), Path(dst), hot)
+        else:
+            shutil.copyfile(src, dst)
+        return 0
+
+    monkeypatch.setattr("adafocus.calibration.int8.quantize_stage", quantize)
+    return calls
+
+
+def _names(bundle: Path) -> list[str]:
+    return sorted(p.name for p in bundle.iterdir())
+
+
+def test_failed_gate_leaves_the_bundle_as_it_was(gated, tmp_path, capsys, monkeypatch):
+    """--no-fallback, both encoders failing the gate: exit code 1, one error line, the bundle byte-identical."""
+    bundle, data, hot, drops = gated
+    bundle = Path(shutil.copytree(bundle, tmp_path / "copy"))
+    calls = _force(monkeypatch, hot, {"global", "local"})
     before = _digest(bundle)
     with pytest.raises(SystemExit) as exc:
-        main(["calibrate", "int8", str(bundle), "--data", str(fake), "--max-drop", "0", "--calib-videos", "1",
+        main(["calibrate", "int8", str(bundle), "--data", str(data), "--max-drop", "0", "--calib-videos", "1",
               "--threads", "1", "--no-fallback"])
     out, err = capsys.readouterr()
-    assert exc.value.code == 1
-    assert "gate FAILED" in out and "100.0%" in out
-    assert err.strip().splitlines()[-1].startswith("error: INT8 accuracy gate failed")
+    worst = max(drops.values())
+    assert exc.value.code == 1 and calls == ["global", "local"]
+    assert f"gate FAILED: worst top-1 drop {worst:+.2f} points (allowed 0)" in out and "tries:" not in out
+    line = f"error: INT8 accuracy gate failed: top-1 drop {worst:.2f} points > --max-drop 0; {bundle} unchanged"
+    assert [x for x in err.splitlines() if x.startswith("error")] == [line] and err.strip().splitlines()[-1] == line
     assert _digest(bundle) == before
 
 
-def test_fallback_tries_each_encoder_alone(setup, tmp_path):
-    """After the failed gate above, the fallback quantizes one encoder at a time (local first); what it
-    writes keeps the other encoder's float file, and its report is the try that passed."""
-    bundle, data = setup
+def _try(stages: list[str], drop: float, passed: bool) -> dict:
+    return {"stages": stages, "worst_drop": round(drop, 4), "passed": passed}
+
+
+def test_fallback_keeps_local_alone_when_the_glance_fails(gated, tmp_path, monkeypatch):
+    """The glance fails the gate: both encoders fail, then local alone passes and is written (local first);
+    global keeps its float file and the report is the try that passed."""
+    bundle, data, hot, drops = gated
     bundle = Path(shutil.copytree(bundle, tmp_path / "copy"))
-    fake = _self_labelled(bundle, data, tmp_path / "data")
+    calls = _force(monkeypatch, hot, {"global"})
+    before = _names(bundle)
+    result = calibrate_int8(bundle, data, Int8Options(**GATE))
+    assert calls == ["global", "local", "local"]
+    assert result.attempts == [_try(["global", "local"], drops["glance"], False), _try(["local"], 0.0, True)]
+    assert result.written and result.stages == ("local",) and result.report.worst_drop == 0.0
+    assert result.files == {"local": "local.int8.onnx"}
+    m = load_bundle(bundle).manifest  # checksums verified
+    assert m.precisions == {"int8": {"global": "global.onnx", "policy": "policy.onnx", "local": "local.int8.onnx"}}
+    assert _names(bundle) == sorted([*before, "local.int8.onnx"])
+    assert (bundle / "local.int8.onnx").read_bytes() == (bundle / "local.onnx").read_bytes()  # what the fake wrote
+
+
+def test_fallback_keeps_global_alone_when_local_fails(gated, tmp_path, monkeypatch):
+    """Local fails the gate: both encoders fail, local alone fails, global alone passes and is written."""
+    bundle, data, hot, drops = gated
+    bundle = Path(shutil.copytree(bundle, tmp_path / "copy"))
+    calls = _force(monkeypatch, hot, {"local"})
+    before = _names(bundle)
+    result = calibrate_int8(bundle, data, Int8Options(**GATE))
+    assert calls == ["global", "local", "local", "global"]
+    assert result.attempts == [_try(["global", "local"], drops["last"], False), _try(["local"], drops["last"], False),
+                               _try(["global"], 0.0, True)]
+    assert result.written and result.stages == ("global",) and result.report.worst_drop == 0.0
+    assert result.files == {"global": "global.int8.onnx"}
+    m = load_bundle(bundle).manifest
+    assert m.precisions == {"int8": {"global": "global.int8.onnx", "policy": "policy.onnx", "local": "local.onnx"}}
+    assert _names(bundle) == sorted([*before, "global.int8.onnx"])
+    assert (bundle / "global.int8.onnx").read_bytes() == (bundle / "global.onnx").read_bytes()
+
+
+def test_fallback_writes_nothing_when_every_try_fails(gated, tmp_path, monkeypatch):
+    """Both encoders fail the gate, together and alone: nothing is written, the report is the first try's."""
+    bundle, data, hot, drops = gated
+    bundle = Path(shutil.copytree(bundle, tmp_path / "copy"))
+    calls = _force(monkeypatch, hot, {"global", "local"})
     before = _digest(bundle)
-    result = calibrate_int8(bundle, fake, Int8Options(**{**OPTIONS, "calib_videos": 1}, max_drop=0.0))
-    tries = [a["stages"] for a in result.attempts]
-    assert tries[0] == ["global", "local"] and not result.attempts[0]["passed"]
-    assert tries[1:] == [["local"], ["global"]][:len(tries) - 1]
-    assert [a["passed"] for a in result.attempts[1:]] == [False] * (len(tries) - 2) + [result.written]
-    if result.written:
-        (stage,) = result.stages
-        assert result.report.worst_drop <= 0.0 and result.files == {stage: f"{stage}.int8.onnx"}
-        files = load_bundle(bundle).manifest.precisions["int8"]
-        other = "global" if stage == "local" else "local"
-        assert files[stage] == f"{stage}.int8.onnx" and files[other] == f"{other}.onnx"
-    else:
-        assert _digest(bundle) == before and result.attempts[0]["worst_drop"] == result.report.worst_drop
+    result = calibrate_int8(bundle, data, Int8Options(**GATE))
+    assert calls == ["global", "local", "local", "global"]
+    assert result.attempts == [_try(["global", "local"], max(drops.values()), False),
+                               _try(["local"], drops["last"], False), _try(["global"], drops["glance"], False)]
+    assert not result.written and result.files == {} and result.stages == ("global", "local")
+    assert result.report.worst_drop == max(drops.values())
+    assert _digest(bundle) == before
+
+
+@pytest.mark.parametrize("value, message", [("-1", "--max-drop must be >= 0 percentage points, got -1"),
+                                            ("nan", "--max-drop must be a number of percentage points")])
+def test_max_drop_below_zero_is_refused(setup, capsys, value, message):
+    bundle, data = setup
+    before = _digest(bundle)
+    with pytest.raises(SystemExit) as exc:
+        main(["calibrate", "int8", str(bundle), "--data", str(data), "--max-drop", value])
+    _, err = capsys.readouterr()
+    assert exc.value.code == 1 and err == f"error: {message}\n"
+    assert _digest(bundle) == before
+    with pytest.raises(AdaFocusError, match="must be >= 0"):
+        Int8Options(max_drop=-0.5).validate()
+    Int8Options(max_drop=0.0).validate()
 
 
 @pytest.mark.parametrize("what, message", [("unknown", "not among the bundle's 10 classes"),
@@ -194,8 +314,6 @@ def test_uint8_cpu_variant_of_one_stage_is_its_own_precision(setup, tmp_path):
 def test_int8_gets_its_own_exit_thresholds(setup, tmp_path):
     """A calibrated bundle: the INT8 precision is gated at thresholds solved on its own scores for the same
     budgets (equal average cost), and the runtime uses them for --precision int8 (fp32 keeps its own)."""
-    from adafocus.calibration.thresholds import calibrate_thresholds
-
     bundle, data = setup
     work = Path(shutil.copytree(bundle, tmp_path / "b"))
     calibrate_thresholds(work, data, "0.06,0.09", calib_split="val", heldout_split="test", threads=1)

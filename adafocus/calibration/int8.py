@@ -94,6 +94,8 @@ class Int8Options:
                                 f"{', '.join(self.stages) or 'none'} (the policy stays float)")
         if self.max_drop != self.max_drop:
             raise AdaFocusError("--max-drop must be a number of percentage points")
+        if self.max_drop < 0:
+            raise AdaFocusError(f"--max-drop must be >= 0 percentage points, got {self.max_drop:g}")
 
 
 @dataclass
@@ -321,6 +323,7 @@ def _calibrate_once(bundle_dir: str | os.PathLike, data: str | os.PathLike, opts
             t = time.perf_counter()
             src = fp32.bundle.stage_path(stage)
             tmp_files[stage] = tmp_dir / int8_name(src.name, opts.precision)
+            # the module's name quantize_stage, looked up here on every call: tests replace it to force the gate
             quantized[stage] = quantize_stage(src, tmp_files[stage], feeds[stage], opts.method, opts.op_types,
                                               activations=opts.activations)
             seconds[f"quantize_{stage}"] = time.perf_counter() - t
