@@ -81,6 +81,24 @@ class StageInfo(_Record):
         return {"file": self.file, "inputs": [t.to_dict() for t in self.inputs],
                 "outputs": [t.to_dict() for t in self.outputs], "gflops": self.gflops}
 
+    def io_mismatch(self, inputs, outputs) -> str | None:
+        """How an engine's real I/O (``TensorSpec``-like: name, shape, dtype) differs from this record, or
+        None. Unknown dims (None shapes, as the torch engine reports) are not compared."""
+        for kind, recorded, real in (("input", self.inputs, inputs), ("output", self.outputs, outputs)):
+            found = {t.name: t for t in real}
+            for t in recorded:
+                spec = found.get(t.name)
+                if spec is None:
+                    return f"{kind} {t.name!r} is missing (the file has {', '.join(found) or 'none'})"
+                if str(np_dtype_name(spec.dtype)) != t.dtype:
+                    return f"{kind} {t.name!r} is {np_dtype_name(spec.dtype)}, the manifest says {t.dtype}"
+                if spec.shape is None:
+                    continue
+                fixed = [d if isinstance(d, int) and d >= 0 else BATCH for d in spec.shape]
+                if fixed != list(t.shape):
+                    return f"{kind} {t.name!r} has shape {fixed}, the manifest says {list(t.shape)}"
+        return None
+
 
 @dataclass
 class Preprocessing(_Record):
@@ -385,6 +403,13 @@ def _check_threshold_entry(entry: Any, path: str, exits: int) -> None:
                           f"{len(entry['thresholds'])}")
     if not entry["budget_gflops"] > 0:
         raise SchemaError(f"{path}.budget_gflops must be positive")
+
+
+def np_dtype_name(dtype: Any) -> str:
+    """'float32' for numpy dtypes, dtype classes and names alike."""
+    import numpy as np
+
+    return np.dtype(dtype).name
 
 
 def now_iso() -> str:
