@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from adafocus.errors import MissingDependency
+from adafocus.errors import ConfigError, MissingDependency
 from adafocus.runtime.crop import benchmark_crop, crop_cpu, crop_gpu, get_cropper, random_boxes
 from adafocus.runtime.sampling import crop_boxes
 
@@ -90,6 +90,18 @@ def test_get_cropper_and_benchmark_on_cpu():
     assert timing.device == "cpu" and timing.repeats == 2 and 0 < timing.min_ms <= timing.median_ms
 
 
+@pytest.mark.parametrize("device", ["cpu", "CPU", "cpu:0", " Cpu:0 "])
+def test_get_cropper_takes_every_cpu_spelling(device):
+    assert get_cropper(device) is crop_cpu
+    assert benchmark_crop(device, num_patches=1, frame_size=32, patch_size=16, warmup=0, repeats=1).device == "cpu"
+
+
+@pytest.mark.parametrize("bad", ["tpu", "cpu:1", "cuda:x", "gpu1"])
+def test_get_cropper_refuses_unknown_devices_with_a_config_error(bad):
+    with pytest.raises(ConfigError, match=r"unknown device .*; known: cpu, cuda, cuda:N, gpu, gpu:N"):
+        get_cropper(bad)
+
+
 def _cupy_with_cuda():
     try:
         import cupy
@@ -105,8 +117,9 @@ def test_gpu_cropper_without_cupy_names_the_extra():
     try:
         import cupy  # noqa: F401
     except ImportError:
-        with pytest.raises(MissingDependency, match=r"adafocus\[gpu\]"):
-            get_cropper("cuda")
+        for device in ("cuda", "GPU:1", " gpu "):
+            with pytest.raises(MissingDependency, match=r"adafocus\[gpu\]"):
+                get_cropper(device)
     else:
         pytest.skip("cupy is installed")
 

@@ -24,6 +24,7 @@ from adafocus.engines import (
     resolve_engine,
 )
 from adafocus.engines.tensorrt import check_engine_compat, normalize_compute_capability
+from adafocus.errors import ConfigError
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -177,13 +178,59 @@ def test_auto_resolution_on_cuda_without_gpu_explains_every_candidate():
         assert f"{name}:" in msg
 
 
-def test_parse_device():
-    assert parse_device("cpu") == ("cpu", 0)
-    assert parse_device("cuda") == ("cuda", 0)
-    assert parse_device("CUDA:1") == ("cuda", 1)
-    for bad in ("tpu", "cuda:x", "cpu:1"):
-        with pytest.raises(EngineError, match="unknown device"):
-            parse_device(bad)
+@pytest.mark.parametrize("text, canonical", [
+    ("cpu", "cpu"), ("CPU", "cpu"), ("cpu:0", "cpu"), (" cpu ", "cpu"), ("Cpu:00", "cpu"),
+    ("cuda", "cuda:0"), ("cuda:1", "cuda:1"), ("CUDA:1", "cuda:1"), ("gpu", "cuda:0"), ("GPU:1", "cuda:1"),
+    ("\tgpu : 2 \n", "cuda:2"),
+])
+def test_parse_device(text, canonical):
+    dev = parse_device(text)
+    assert str(dev) == canonical and parse_device(canonical) == dev and parse_device(dev) is dev
+    kind, index = dev  # unpacks like the (kind, index) tuple it used to be
+    assert (kind, index) == (dev.kind, dev.index) and dev.is_cuda == (kind == "cuda")
+    assert Engine(text).device == canonical and Engine(text).device_kind == kind  # engines keep the canonical form
+
+
+@pytest.mark.parametrize("bad", ["tpu", "cuda:x", "cpu:1", "", "cuda:", "gpu1", "cuda:-1", "cuda:1:2", "cuda:١"])
+def test_parse_device_refuses_anything_else(bad):
+    with pytest.raises(ConfigError) as info:
+        parse_device(bad)
+    assert isinstance(info.value, ValueError)
+    assert str(info.value) == f"unknown device {bad!r}; known: cpu, cuda, cuda:N, gpu, gpu:N (any case)"
+    with pytest.raises(ConfigError):
+        create_engine("auto", "model.onnx", device=bad)
+
+
+def test_registry_takes_every_device_spelling(tiny_onnx):
+    assert resolve_engine("auto", "CPU:0") == "ort"
+    assert available_engines(" Cpu ") == available_engines("cpu")
+    engine = create_engine("auto", tiny_onnx, device="CPU:0")
+    assert engine.name == "ort" and engine.device == "cpu"
+    engine.close()
+
+
+@pytest.mark.skipif(cuda_device_count() > 0, reason="this machine has a CUDA device")
+@pytest.mark.parametrize("device", ["gpu", "cuda", "GPU:1"])
+def test_cuda_without_a_gpu_fails_before_an_engine_is_picked(device, tmp_path):
+    from adafocus.runtime.pipeline import Pipeline
+
+    line = f"device {device!r}: no CUDA device found (no CUDA driver, or it reports no GPU); use device 'cpu'"
+    with pytest.raises(EngineError) as info:
+        create_engine("auto", "model.onnx", device=device)
+    assert str(info.value) == line
+    with pytest.raises(EngineError) as info:  # before the bundle is even read: this one does not exist
+        Pipeline.from_bundle(tmp_path / "no-bundle", device=device)
+    assert str(info.value) == line
+
+
+def test_cuda_index_beyond_the_devices_found(monkeypatch):
+    import adafocus.device as device_mod
+
+    monkeypatch.setattr(device_mod, "cuda_device_count", lambda: 2)
+    assert str(device_mod.require_device("GPU:1")) == "cuda:1"
+    assert str(device_mod.require_device("cpu:0")) == "cpu"
+    with pytest.raises(EngineError, match=r"^device 'cuda:2': no CUDA device 2; this machine has 2 \(cuda:0 to"):
+        device_mod.require_device("cuda:2")
 
 
 def test_register_custom_engine():

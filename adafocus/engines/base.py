@@ -14,9 +14,6 @@ between stages. This module imports neither torch nor onnxruntime.
 from __future__ import annotations
 
 import contextlib
-import ctypes
-import functools
-import sys
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -24,7 +21,11 @@ from typing import Any
 
 import numpy as np
 
+from adafocus.device import Device, cuda_device_count, cuda_device_info, parse_device
 from adafocus.errors import EngineError
+
+# the device parser and CUDA probe live in adafocus.device; these names stay importable from here
+__all__ = ["Device", "Dim", "Engine", "TensorSpec", "cuda_device_count", "cuda_device_info", "parse_device"]
 
 _now = time.perf_counter
 
@@ -56,67 +57,6 @@ class TensorSpec:
         return f"{self.name}: {np.dtype(self.dtype).name}[{shape}]"
 
 
-def parse_device(device: str) -> tuple[str, int]:
-    """Split ``'cpu'``, ``'cuda'`` or ``'cuda:1'`` into ``(kind, index)``; raise EngineError otherwise."""
-    text = str(device).strip().lower()
-    kind, _, index = text.partition(":")
-    if kind == "gpu":
-        kind = "cuda"
-    if kind not in ("cpu", "cuda") or (index and not index.isdigit()) or (kind == "cpu" and index not in ("", "0")):
-        raise EngineError(f"unknown device {device!r}: use 'cpu', 'cuda' or 'cuda:N'")
-    return kind, int(index or 0)
-
-
-def _libcuda():
-    """The CUDA driver library through ctypes, initialised; None without a driver or GPU."""
-    names = ["nvcuda.dll"] if sys.platform == "win32" else ["libcuda.so.1", "libcuda.so", "libcuda.dylib"]
-    for lib_name in names:
-        try:
-            lib = ctypes.CDLL(lib_name)
-        except OSError:
-            continue
-        return lib if lib.cuInit(0) == 0 else None
-    return None
-
-
-@functools.cache
-def cuda_device_count() -> int:
-    """Number of CUDA devices the driver reports (0 when there is no driver or no GPU).
-
-    Asks the driver library directly through ctypes, so it needs neither torch nor cuda-python and
-    costs a few milliseconds once per process.
-    """
-    lib = _libcuda()
-    count = ctypes.c_int(0)
-    if lib is None or lib.cuDeviceGetCount(ctypes.byref(count)) != 0:
-        return 0
-    return int(count.value)
-
-
-@functools.cache
-def cuda_device_info(index: int = 0) -> tuple[str, str] | None:
-    """``(device name, compute capability "major.minor")`` of CUDA device ``index``, or None.
-
-    Through the driver library (ctypes), like ``cuda_device_count``: the manifest records both for
-    TensorRT engines, and engines are refused on a GPU of another compute capability.
-    """
-    lib = _libcuda()
-    if lib is None or index >= cuda_device_count():
-        return None
-    dev, major, minor = ctypes.c_int(0), ctypes.c_int(0), ctypes.c_int(0)
-    name = ctypes.create_string_buffer(256)
-    # CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MAJOR = 75, _MINOR = 76 (cuda.h)
-    if (
-        lib.cuDeviceGet(ctypes.byref(dev), index) != 0
-        or lib.cuDeviceGetAttribute(ctypes.byref(major), 75, dev) != 0
-        or lib.cuDeviceGetAttribute(ctypes.byref(minor), 76, dev) != 0
-    ):
-        return None
-    if lib.cuDeviceGetName(name, len(name), dev) != 0:
-        name.value = b"unknown CUDA device"
-    return name.value.decode(errors="replace"), f"{major.value}.{minor.value}"
-
-
 class Engine:
     """Base class of every engine: life cycle, I/O description and self-timing.
 
@@ -132,8 +72,9 @@ class Engine:
     name: str = "engine"
 
     def __init__(self, device: str = "cpu") -> None:
-        self.device = str(device)
-        self.device_kind, self.device_index = parse_device(device)
+        dev = parse_device(device)
+        self.device = str(dev)  # canonical: "cpu" or "cuda:N"
+        self.device_kind, self.device_index = dev.kind, dev.index
         self._inputs: list[TensorSpec] = []
         self._outputs: list[TensorSpec] = []
         self.is_active = False

@@ -24,7 +24,8 @@ import importlib
 import logging
 from typing import Any
 
-from adafocus.engines.base import Engine, parse_device
+from adafocus.device import parse_device, require_device
+from adafocus.engines.base import Engine
 from adafocus.errors import EngineError
 
 log = logging.getLogger(__name__)
@@ -93,7 +94,7 @@ def get_engine_class(name: str) -> type[Engine]:
 
 def available_engines(device: str = "cpu") -> dict[str, str | None]:
     """Every engine name -> None if it can run on ``device`` here, else the reason it cannot."""
-    parse_device(device)
+    device = str(parse_device(device))
     _load_builtins()
     out: dict[str, str | None] = {}
     for name in sorted(_REGISTRY):
@@ -109,8 +110,10 @@ def resolve_engine(name: str = "auto", device: str = "cpu") -> str:
 
     ``'auto'`` takes the first available of ``AUTO_ORDER[device kind]`` and logs which it took and why
     the better ones were skipped. A concrete name is checked: EngineError if unknown or unavailable.
+    ``device`` is parsed (ConfigError if malformed) and engines see its canonical form (``cpu``, ``cuda:N``).
     """
-    kind, _ = parse_device(device)
+    dev = parse_device(device)
+    kind, device = dev.kind, str(dev)
     if name != "auto":
         cls = get_engine_class(name)
         reason = cls.availability(device)
@@ -138,7 +141,10 @@ def create_engine(name: str, path: str | None = None, device: str = "cpu", **opt
     ``name``: a registered name or ``'auto'`` (see ``resolve_engine``). ``path``: the model file
     (``.onnx`` for ort engines, ``.engine`` for tensorrt); the torch engine takes ``module=``,
     ``input_names=``, ``output_names=`` instead. ``options`` go to the engine class (see its docstring).
+    ``device`` is parsed once here (ConfigError if malformed) and passed on in its canonical form; a CUDA
+    device this machine does not have fails (EngineError) before any engine is picked.
     """
+    device = str(require_device(device))
     concrete = resolve_engine(name, device)
     cls = _REGISTRY[concrete]
     if path is not None:

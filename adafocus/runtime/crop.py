@@ -13,7 +13,6 @@ of each patch, so focus frames need not be gathered first. C may be any count (T
 
 from __future__ import annotations
 
-import re
 import statistics
 import time
 from collections.abc import Callable
@@ -22,6 +21,7 @@ from typing import Any
 
 import numpy as np
 
+from adafocus.device import parse_device
 from adafocus.errors import require
 
 Cropper = Callable[..., Any]
@@ -230,17 +230,14 @@ def crop_gpu(frames: Any, boxes: Any, patch_size: int, indices: Any = None, out:
 
 
 def get_cropper(device: str = "cpu") -> Cropper:
-    """The crop function for ``device``: ``"cpu"`` -> :func:`crop_cpu`; ``"cuda"``, ``"cuda:N"`` or ``"gpu"`` ->
-    :func:`crop_gpu` (on device N). Raises MissingDependency naming the ``gpu`` extra when cupy is absent."""
-    if device == "cpu":
+    """The crop function for ``device`` (any form :func:`adafocus.device.parse_device` accepts): cpu ->
+    :func:`crop_cpu`; ``cuda``, ``cuda:N``, ``gpu`` -> :func:`crop_gpu` on CUDA device N (0 when not given).
+    Raises ConfigError for an unknown device, MissingDependency naming the ``gpu`` extra when cupy is absent."""
+    dev = parse_device(device)
+    if dev.kind == "cpu":
         return crop_cpu
-    match = re.fullmatch(r"(?:cuda|gpu)(?::(\d+))?", device)
-    if match is None:
-        raise ValueError(f"unknown crop device {device!r}; known: cpu, cuda, cuda:N, gpu")
     cp = _cupy()
-    if match.group(1) is None:
-        return crop_gpu
-    index = int(match.group(1))
+    index = dev.index
 
     def crop_on_device(*args: Any, **kwargs: Any) -> Any:
         with cp.cuda.Device(index):
@@ -281,6 +278,7 @@ def benchmark_crop(device: str = "cpu", num_patches: int = 16, frame_size: int =
     frames = rng.standard_normal((num_patches, channels, frame_size, frame_size), dtype=np.float32)
     boxes = random_boxes(num_patches, frame_size, seed=seed)
     sync: Callable[[], None] = lambda: None  # noqa: E731
+    device = str(parse_device(device))
     if device != "cpu":
         cp = _cupy()
         frames, boxes = cp.asarray(frames), cp.asarray(boxes)

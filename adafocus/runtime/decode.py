@@ -74,7 +74,10 @@ class DecodedVideo:
     decode_ms: float
 
 
-def _check_path(path: str | os.PathLike) -> str:
+def _check_path(path: str | os.PathLike, backend: int = cv2.CAP_ANY) -> str:
+    """The path as a string, or VideoError saying in one line why it is not a video we can read: a directory,
+    missing, empty, unreadable (permission denied), or a still image (FFmpeg opens a PNG or JPEG, even one
+    renamed ``.mp4``, as a one-frame "video")."""
     p = os.fspath(path)
     if os.path.isdir(p):
         raise VideoError(f"{p}: is a directory, not a video file")
@@ -82,7 +85,67 @@ def _check_path(path: str | os.PathLike) -> str:
         raise VideoError(f"{p}: no such file")
     if os.path.getsize(p) == 0:
         raise VideoError(f"{p}: empty file")
+    image = image_format(_read_head(p))
+    if image is not None:
+        _refuse_still_image(p, image, backend)
     return p
+
+
+def _read_head(path: str, size: int = 32) -> bytes:
+    """The first ``size`` bytes, read with a real open (so that permissions, ACLs, and root's override count)."""
+    try:
+        with open(path, "rb") as f:
+            return f.read(size)
+    except PermissionError:
+        raise VideoError(f"{path}: permission denied") from None
+    except OSError as exc:
+        raise VideoError(f"{path}: cannot read ({exc.strerror or exc})") from None
+
+
+# Image file signatures (leading bytes) -> format; WebP, BMP and HEIF/AVIF need more than a prefix (image_format)
+_IMAGE_MAGIC: tuple[tuple[bytes, str], ...] = (
+    (b"\x89PNG\r\n\x1a\n", "png"), (b"\xff\xd8\xff", "jpeg"), (b"GIF87a", "gif"), (b"GIF89a", "gif"),
+    (b"II*\x00", "tiff"), (b"MM\x00*", "tiff"), (b"\x00\x00\x00\x0cjP  \r\n\x87\n", "jpeg2000"),
+    (b"\xff\x0a", "jpegxl"), (b"\x00\x00\x00\x0cJXL \r\n\x87\n", "jpegxl"), (b"qoif", "qoi"), (b"8BPS", "psd"),
+    (b"v/1\x01", "exr"),
+)
+_HEIF_BRANDS = {b"avif": "avif", b"avis": "avif", b"heic": "heic", b"heix": "heic", b"heim": "heic",
+                b"heis": "heic", b"mif1": "heif", b"msf1": "heif"}
+_BMP_HEADER_SIZES = (12, 40, 52, 56, 64, 108, 124)
+
+
+def image_format(head: bytes) -> str | None:
+    """The still-image format whose signature starts ``head`` (``"png"``, ``"jpeg"``, ``"webp"`` ...), else None.
+
+    Video containers (MP4/MOV, AVI, Matroska/WebM, MPEG, ASF) have signatures of their own, so a real video
+    never matches.
+    """
+    for magic, name in _IMAGE_MAGIC:
+        if head.startswith(magic):
+            return name
+    if head[:4] == b"RIFF" and head[8:12] == b"WEBP":
+        return "webp"
+    if head[:2] == b"BM" and len(head) >= 18 and int.from_bytes(head[14:18], "little") in _BMP_HEADER_SIZES:
+        return "bmp"
+    if head[4:8] == b"ftyp" and head[8:12] in _HEIF_BRANDS:
+        return _HEIF_BRANDS[head[8:12]]
+    return None
+
+
+def _refuse_still_image(path: str, image: str, backend: int) -> None:
+    """VideoError unless the image file decodes to more than one frame (an animated GIF or PNG, a raw MJPEG
+    stream of concatenated JPEGs: those run as videos)."""
+    cap = cv2.VideoCapture(path, backend)
+    try:
+        frames = 0
+        while cap.isOpened() and frames < 2 and cap.grab():
+            frames += 1
+    finally:
+        cap.release()
+    if frames == 1:
+        raise VideoError(f"{path}: a still image ({image}), not a video")
+    if frames == 0:
+        raise VideoError(f"{path}: an image file ({image}) with no frame OpenCV can decode, not a video")
 
 
 def _open(path: str, backend: int) -> cv2.VideoCapture:
@@ -100,8 +163,9 @@ def _fourcc(cap: cv2.VideoCapture) -> str:
 
 
 def probe(path: str | os.PathLike, backend: int = cv2.CAP_ANY) -> VideoInfo:
-    """Header facts of a video without decoding it; raises VideoError when it cannot be opened."""
-    p = _check_path(path)
+    """Header facts of a video without decoding it; raises VideoError when it cannot be opened (or is a still
+    image: that check decodes up to two frames of a file with an image signature)."""
+    p = _check_path(path, backend)
     cap = _open(p, backend)
     try:
         return VideoInfo(p, max(int(cap.get(cv2.CAP_PROP_FRAME_COUNT)), 0), float(cap.get(cv2.CAP_PROP_FPS)),
@@ -127,7 +191,7 @@ def to_rgb(image: np.ndarray) -> np.ndarray:
 
 def count_frames(path: str | os.PathLike, backend: int = cv2.CAP_ANY) -> int:
     """Frames that really decode (one sequential grab pass: costs a full decode of the video)."""
-    p = _check_path(path)
+    p = _check_path(path, backend)
     cap = _open(p, backend)
     try:
         n = 0
@@ -221,7 +285,8 @@ def decode_frames(path: str | os.PathLike, num_segments: int | None = None, *, i
     ``frames`` follow its order). ``short_side`` resizes each frame right after decode (shorter side to that
     many pixels, as :func:`~adafocus.runtime.preprocess.preprocess` would), which saves memory and makes the
     later resize a no-op. ``seek_gap``: never seek across fewer frames than this.
-    Raises VideoError for a missing, empty, non-video or undecodable file, or a directory.
+    Raises VideoError for a missing, empty, unreadable, non-video or undecodable file, a still image, or a
+    directory.
     """
     if (num_segments is None) == (indices_fn is None):
         raise ValueError("give exactly one of num_segments and indices_fn")
@@ -231,7 +296,7 @@ def decode_frames(path: str | os.PathLike, num_segments: int | None = None, *, i
         indices_fn = partial(segment_indices, num_segments=num_segments)
     assert indices_fn is not None
     start = time.perf_counter()
-    p = _check_path(path)
+    p = _check_path(path, backend)
     cap = _open(p, backend)
     try:
         fps = float(cap.get(cv2.CAP_PROP_FPS))
