@@ -107,7 +107,9 @@ def test_add_dense_from_checkpoint_and_refusals(bundle, tmp_path):
     with one_torch_thread():
         good = save(DenseBaseline(cfg).eval(), tmp_path / "dense.pt", extra={"model": "dense"})
         m = add_dense(copy, good, simplify_graph=False, log=None)
-    assert m.verification["dense"]["source"] == str(good) and m.verification["dense"]["random_init"] is False
+    # the file name and a weights digest, never the path (no machine paths in a bundle)
+    assert m.verification["dense"]["source"] == "dense.pt" and m.verification["dense"]["random_init"] is False
+    assert len(m.verification["dense"]["weights_sha256"]) == 64
     load_bundle(copy, verify=True)
 
 

@@ -347,13 +347,32 @@ def open_dense(pipe, config: BenchConfig, engine: str, precision: str):
                         "(the adafocus train --dense checkpoint)")
         from adafocus.export.dense import dense_engine
 
-        return dense_engine(config.dense_checkpoint, pipe.manifest, config.device, config.cuda_graphs)
+        return dense_engine(config.dense_checkpoint, pipe.manifest, config.device, config.cuda_graphs,
+                            bundle=str(bundle.path))
     if not bundle.has_stage("dense"):
         raise _Skip("the bundle has no dense baseline (adafocus add-dense BUNDLE adds one)")
     if not engine.startswith("ort"):
         raise _Skip(f"no dense baseline for the {engine} engine (dense.onnx runs on the ort engines)")
     options = {"threads": config.threads} if config.threads else {}
     return create_engine(engine, str(bundle.stage_path("dense")), device=config.device, **options)
+
+
+def check_torch_checkpoints(config: BenchConfig, bundle) -> None:
+    """The torch engine's checkpoints must be the ones the bundle was made from (weights digest, or without
+    one the model config; the dense checkpoint the one ``add_dense`` recorded, or at least one that fits):
+    a wrong one is a CheckpointError before anything is measured, not a row of another model's timings."""
+    if config.checkpoint is None:  # the torch rows are skipped, and the dense checkpoint is never used
+        return
+    from adafocus.models import load
+    from adafocus.models.checkpoint import check_source
+
+    m = bundle.manifest
+    check_source(load(config.checkpoint), config.checkpoint, m.source, m.config, str(bundle.path))
+    if config.dense and config.dense_checkpoint is not None:
+        from adafocus.export.dense import check_dense_source
+        from adafocus.models.dense import load_dense
+
+        check_dense_source(load_dense(config.dense_checkpoint), config.dense_checkpoint, m, str(bundle.path))
 
 
 class _Skip(Exception):
@@ -389,6 +408,8 @@ def run_benchmark(config: BenchConfig, log: Log | None = print) -> dict[str, Any
                             + (" ..." if len(unknown) > 5 else ""))
     names = engine_list(config)
     avail = available_engines(config.device)
+    if "torch" in names and avail.get("torch") is None:
+        check_torch_checkpoints(config, bundle)
     rows: list[BenchRow] = []
     throughput: list[ThroughputRow] = []
     for engine in names:

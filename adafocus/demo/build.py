@@ -7,6 +7,9 @@ This is how ``adafocus/demo/assets/`` was made (``adafocus demo-build``); rerun 
 3. solve exit thresholds for a spread of average budgets on the val split, held-out on test;
 4. copy a few test videos (one per class, up to ``samples``) as the bundled samples.
 
+The manifest names its checkpoints by file name (with a weights digest), never by path: the build refuses a
+manifest that holds an absolute path.
+
 Everything is written into a temporary directory and moved into place at the end.
 """
 
@@ -34,9 +37,11 @@ def build_demo(checkpoint: str | os.PathLike, data: str | os.PathLike, out: str 
                dense_checkpoint: str | os.PathLike | None = None, budgets=None, samples: int = 3,
                log: Callable[[str], None] = print) -> DemoBuild:
     """Build the demo assets (``out/bundle``, ``out/videos``) from a trained checkpoint and its data set."""
+    from adafocus.bundle import load_bundle
     from adafocus.calibration.thresholds import calibrate_thresholds
+    from adafocus.errors import BundleError
     from adafocus.export.dense import add_dense
-    from adafocus.export.exporter import export_bundle
+    from adafocus.export.exporter import export_bundle, machine_paths
 
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -49,6 +54,10 @@ def build_demo(checkpoint: str | os.PathLike, data: str | os.PathLike, out: str 
         result = calibrate_thresholds(bundle, data, budgets, calib_split="val", heldout_split="test", log=log,
                                       plot=work / "thresholds.png")
         log(result.format())
+        # the shipped manifest records file names and weights digests, never a directory of this machine
+        paths = machine_paths(load_bundle(bundle).manifest.to_dict())
+        if paths:
+            raise BundleError(f"the demo manifest would ship machine paths: {'; '.join(paths[:3])}")
         videos = work / "videos"
         videos.mkdir()
         chosen, seen = [], set()

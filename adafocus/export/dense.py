@@ -9,7 +9,8 @@ adaptive model, and returns ``logits [B, C]``. It is an optional stage: the runt
 Sources: a dense checkpoint trained by ``adafocus train --dense`` (accuracy comparable), or none, which
 builds a random-weight baseline of the bundle's config (timing only; recorded as such in the manifest, and
 the benchmark prints no accuracy for it). The manifest gets ``stages['dense']``, ``costs.dense`` (GFLOPs per
-video) and ``verification['dense']`` (source, ONNX-vs-PyTorch error). Needs the ``export`` extra (torch).
+video) and ``verification['dense']`` (source: the checkpoint's file name and ``weights_sha256``, or
+``random-init``; ONNX-vs-PyTorch error). Needs the ``export`` extra (torch).
 """
 
 from __future__ import annotations
@@ -74,16 +75,30 @@ def random_dense(cfg: ModelConfig, seed: int = 0) -> DenseBaseline:
     return model.eval()
 
 
-def dense_engine(checkpoint: str | Path, manifest: Manifest, device: str = "cpu", cuda_graphs: bool = True):
+def dense_engine(checkpoint: str | Path, manifest: Manifest, device: str = "cpu", cuda_graphs: bool = True,
+                 bundle: str = ""):
     """A trained dense baseline (``adafocus train --dense``) as a ``torch`` engine on ``device``:
     ``frames [B, N, 3, S, S] -> logits [B, C]``, the same I/O as ``dense.onnx``. It is what the benchmark's
-    torch engine compares against; CheckpointError when it does not fit the bundle."""
+    torch engine compares against; CheckpointError when it does not fit the bundle (``bundle``: its path, for
+    the message), or is not the baseline whose weights digest ``add_dense`` recorded."""
     from adafocus.engines.registry import create_engine
 
     model = load_dense(checkpoint)
-    _check_compatible(model.cfg, manifest, str(checkpoint))
+    check_dense_source(model, checkpoint, manifest, bundle)
     return create_engine("torch", module=DenseStage(model), input_names=list(DenseStage.input_names),
                          output_names=list(DenseStage.output_names), device=device, cuda_graphs=cuda_graphs)
+
+
+def check_dense_source(model: DenseBaseline, checkpoint: str | Path, manifest: Manifest, bundle: str = "") -> None:
+    """A dense checkpoint for the bundle's torch rows: when ``add_dense`` recorded the weights digest of the
+    bundle's dense baseline, the checkpoint must be that one; otherwise (random or older baselines, or none)
+    it must at least fit the bundle's frames and classes. One-line CheckpointError if not."""
+    from adafocus.models.checkpoint import check_source
+
+    record = manifest.verification.get("dense") if isinstance(manifest.verification, dict) else None
+    if isinstance(record, dict) and record.get("weights_sha256"):
+        check_source(model, checkpoint, record, None, bundle, what="dense baseline")
+    _check_compatible(model.cfg, manifest, str(checkpoint))
 
 
 def _check_compatible(cfg: ModelConfig, manifest: Manifest, source: str) -> None:
@@ -151,9 +166,13 @@ def add_dense(bundle_dir: str | Path, checkpoint: str | Path | None = None, *, o
     if precision not in CHECK_RTOL:
         raise AdaFocusError(f"unknown precision {precision!r} for the dense baseline; choose fp32 or fp16")
     if checkpoint is not None:
+        from adafocus.export.exporter import file_name
+        from adafocus.models.checkpoint import weights_sha256
+
         model = load_dense(checkpoint)
-        source = str(checkpoint)
-        _check_compatible(model.cfg, m, source)
+        _check_compatible(model.cfg, m, str(checkpoint))
+        # the file name and a weights digest, never the path (no machine paths in a bundle)
+        source, digest = file_name(str(checkpoint)), weights_sha256(model)
         training = _training_record(checkpoint)
     else:
         try:
@@ -161,7 +180,7 @@ def add_dense(bundle_dir: str | Path, checkpoint: str | Path | None = None, *, o
         except (TypeError, ValueError) as exc:
             raise BundleError(f"{bundle.path}: the manifest's model config cannot be rebuilt ({exc})") from exc
         model = random_dense(cfg, seed)
-        source, training = "random-init", None
+        source, training, digest = "random-init", None, None
     cfg = model.cfg
     try:
         gflops = dense_gflops(model)
@@ -192,6 +211,8 @@ def add_dense(bundle_dir: str | Path, checkpoint: str | Path | None = None, *, o
             manifest.verification["dense"] = {"source": source, "random_init": checkpoint is None,
                                               "precision": precision, "frames": cfg.candidates,
                                               "training": training, **check}
+            if digest is not None:
+                manifest.verification["dense"]["weights_sha256"] = digest
 
         manifest = update_manifest(bundle.path, record)
     finally:
@@ -213,4 +234,4 @@ def _training_record(checkpoint: str | Path) -> dict | None:
     return {k: record[k] for k in keep if k in record}
 
 
-__all__ = ["DENSE_FILE", "DenseStage", "add_dense", "random_dense"]
+__all__ = ["DENSE_FILE", "DenseStage", "add_dense", "check_dense_source", "random_dense"]

@@ -8,12 +8,13 @@ partial bundle. Each step logs one line: name, seconds, artefact path, size.
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from pathlib import Path
+from pathlib import Path, PureWindowsPath
 from typing import TYPE_CHECKING, Any
 
 import adafocus
@@ -112,6 +113,8 @@ def export_bundle(
     tmp = _make_temp_dir(out)
     try:
         t = time.perf_counter()
+        from adafocus.models.checkpoint import weights_sha256
+
         if not from_file:
             net, meta = model.eval(), {"preset": preset, "training": None}
             source = type(model).__name__
@@ -124,9 +127,14 @@ def export_bundle(
         preset = preset or meta.get("preset")
         params = sum(p.numel() for p in net.parameters()) / 1e6
         say(_line("load", t, source, note=f"{preset or net.cfg.family}, {params:.1f}M params"))
+        # provenance without machine paths: the checkpoint's file name and a digest of its float weights
+        # (what the torch engine checks a checkpoint against)
+        origin = {"checkpoint": Path(model).name} if from_file else {}
+        origin["weights_sha256"] = weights_sha256(net)
 
         manifest = _export_stages(net, tmp, out, preset, precision, opset, simplify_graphs, say)
-        manifest.training = meta.get("training")
+        manifest.source = origin
+        manifest.training = without_paths(meta.get("training"))
         report = None
         if verify:
             t = time.perf_counter()
@@ -249,8 +257,12 @@ def build_engines(bundle_dir: str | Path, *, fp16: bool | None = None, workspace
 
     def build_details(stage: str) -> dict:
         _, name, info = infos[stage]
-        # relative names: the bundle may have been built in a temporary directory and moved since
-        return {**info.to_dict(), "engine_path": name, "onnx_path": m.stages[stage].file}
+        # relative names: the bundle may have been built in a temporary directory and moved since; the
+        # timing cache by file name only (no machine paths in a bundle)
+        details = {**info.to_dict(), "engine_path": name, "onnx_path": m.stages[stage].file}
+        if details.get("timing_cache"):
+            details["timing_cache"] = file_name(details["timing_cache"])
+        return details
 
     def record(manifest: Manifest) -> None:
         manifest.engines[key] = EngineRecord(
@@ -314,6 +326,44 @@ def _checkpoint_meta(path: str | Path) -> dict:
     return {"preset": ckpt.get("preset"), "training": ckpt.get("training")}
 
 
+# directory-valued fields of a training record (adafocus train): kept as their last component only
+PATH_KEYS = ("data", "init_local", "out", "cache_dir")
+
+
+def without_paths(record: Any) -> Any:
+    """A copy of a (training) record fit for a bundle: the values of PATH_KEYS and every absolute path
+    anywhere in it reduced to their file name, so that no directory of the machine that trained the model
+    ends up in the manifest."""
+    if isinstance(record, dict):
+        return {k: file_name(v) if k in PATH_KEYS and isinstance(v, str) and v else without_paths(v)
+                for k, v in record.items()}
+    if isinstance(record, (list, tuple)):
+        return [without_paths(v) for v in record]
+    if isinstance(record, str) and is_machine_path(record):
+        return file_name(record)
+    return record
+
+
+def machine_paths(record: Any, where: str = "") -> list[str]:
+    """``key.path: value`` of every absolute path among the string values of a (manifest) dict, so that a
+    build can refuse to ship a bundle that names directories of the machine that made it."""
+    if isinstance(record, dict):
+        return [hit for k, v in record.items() for hit in machine_paths(v, f"{where}.{k}" if where else str(k))]
+    if isinstance(record, (list, tuple)):
+        return [hit for i, v in enumerate(record) for hit in machine_paths(v, f"{where}[{i}]")]
+    return [f"{where}: {record}"] if isinstance(record, str) and is_machine_path(record) else []
+
+
+def is_machine_path(text: str) -> bool:
+    """An absolute POSIX or Windows path, or one from the home directory (``~/...``)."""
+    return text.startswith(("/", "\\", "~/", "~\\")) or re.match(r"[A-Za-z]:[\\/]", text) is not None
+
+
+def file_name(path: str) -> str:
+    """The last component of a POSIX or Windows path (``/tmp/v2/dense.pt`` -> ``dense.pt``)."""
+    return PureWindowsPath(str(path).rstrip("/\\")).name or str(path)
+
+
 def _producer() -> dict[str, str]:
     import onnx
     import onnxruntime
@@ -348,4 +398,5 @@ def _line(name: str, t0: float, shown: str | Path | None = None, real: str | Pat
     return "  ".join(parts)
 
 
-__all__ = ["PRECISIONS", "ExportResult", "build_engines", "default_out", "export_bundle"]
+__all__ = ["PRECISIONS", "ExportResult", "build_engines", "default_out", "export_bundle", "file_name",
+           "is_machine_path", "machine_paths", "without_paths"]

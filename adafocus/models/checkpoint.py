@@ -8,9 +8,11 @@ mismatch is reported as one readable block of missing / unexpected / shape-misma
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import tempfile
+from collections.abc import Mapping
 from pathlib import Path
 
 import torch
@@ -134,6 +136,63 @@ def load_strict(model: torch.nn.Module, state: dict[str, torch.Tensor], where: s
                 lines.append(f"  {title} ({len(keys)}): {shown}")
         raise CheckpointError("\n".join(lines))
     model.load_state_dict(state, strict=True)
+
+
+def weights_sha256(weights: torch.nn.Module | Mapping[str, torch.Tensor]) -> str:
+    """sha256 (hex) of a model's float weights: every floating-point tensor of its state_dict, in sorted key
+    order, as name, dtype, shape and raw bytes. Integer buffers (BatchNorm's ``num_batches_tracked``) do not
+    change what the model computes and are left out. The exporter records this digest in the bundle
+    (``Manifest.source``) and the torch engine compares a checkpoint's against it."""
+    state = weights.state_dict() if isinstance(weights, torch.nn.Module) else weights
+    h = hashlib.sha256()
+    for name in sorted(state):
+        t = state[name]
+        if not isinstance(t, torch.Tensor) or not t.is_floating_point():
+            continue
+        t = t.detach().to("cpu").contiguous().reshape(-1)
+        head = f"{name}\0{str(t.dtype).removeprefix('torch.')}\0{list(state[name].shape)}\0{t.numel()}\0"
+        h.update(head.encode())
+        h.update(t.view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
+
+
+def config_differences(have: Mapping, want: Mapping) -> list[str]:
+    """Keys whose values differ between two ``ModelConfig.to_dict()`` dicts (compared as JSON, so tuples
+    and lists are equal), in ``want``'s key order, then keys only ``have`` has."""
+    a, b = _as_json(have), _as_json(want)
+    keys = list(b) + [k for k in a if k not in b]
+    return [k for k in keys if a.get(k) != b.get(k)]
+
+
+def check_source(model: torch.nn.Module, checkpoint: str | Path, source: Mapping | None, config: Mapping | None,
+                 bundle: str = "", what: str = "model") -> None:
+    """Refuse ``model`` (loaded from ``checkpoint``) unless it is the one ``bundle`` was exported from.
+
+    ``source``: what the bundle recorded (``{"checkpoint": file name, "weights_sha256": digest}``); with a
+    digest, the weights must hash to it. Without one (older bundles), ``config`` (the manifest's model
+    config, labels included; None: not checked) must equal the model's. One-line CheckpointError otherwise.
+    """
+    source = source or {}
+    where = f"bundle {bundle}" if bundle else "the bundle"
+    want = source.get("weights_sha256")
+    if want:
+        have = weights_sha256(model)
+        if have != want:
+            origin = source.get("checkpoint") or source.get("source")
+            origin = f" ({origin}, weights sha256 {want[:12]})" if origin else f" (weights sha256 {want[:12]})"
+            raise CheckpointError(f"{checkpoint} is not the {what} checkpoint {where} was exported from"
+                                  f"{origin}: its weights hash to {have[:12]}")
+        return
+    if config is not None:
+        diff = config_differences(model.cfg.to_dict(), config)
+        if diff:
+            shown = ", ".join(diff[:4]) + (f" (+{len(diff) - 4} more)" if len(diff) > 4 else "")
+            raise CheckpointError(f"{checkpoint} is not the {what} checkpoint {where} was exported from: "
+                                  f"its model config differs in {shown}")
+
+
+def _as_json(d: Mapping) -> dict:
+    return json.loads(json.dumps(dict(d), default=_plain))
 
 
 def init_checkpoint(preset: str, out: str | Path, seed: int = 0, num_classes: int | None = None) -> Path:
