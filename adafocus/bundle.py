@@ -90,10 +90,10 @@ class StageInfo(_Record):
                 spec = found.get(t.name)
                 if spec is None:
                     return f"{kind} {t.name!r} is missing (the file has {', '.join(found) or 'none'})"
-                if str(np_dtype_name(spec.dtype)) != t.dtype:
-                    return f"{kind} {t.name!r} is {np_dtype_name(spec.dtype)}, the manifest says {t.dtype}"
-                if spec.shape is None:
+                if spec.shape is None:  # an engine that knows names only (torch): nothing more to compare
                     continue
+                if np_dtype_name(spec.dtype) != t.dtype:
+                    return f"{kind} {t.name!r} is {np_dtype_name(spec.dtype)}, the manifest says {t.dtype}"
                 fixed = [d if isinstance(d, int) and d >= 0 else BATCH for d in spec.shape]
                 if fixed != list(t.shape):
                     return f"{kind} {t.name!r} has shape {fixed}, the manifest says {list(t.shape)}"
@@ -283,6 +283,7 @@ class Manifest:
 
 
 FAMILIES = ("base", "tsm")  # model families the runtime knows
+MAX_DECODED_BYTES = 2**30  # decoded RGB frames of one video (upstream's presets: 9.4 MB)
 PRECISIONS = ("fp32", "fp16")  # precisions of a bundle's own stage files
 
 
@@ -306,6 +307,11 @@ def check_manifest(m: Manifest) -> None:
         need(getattr(p, key) >= 1, f"preprocessing.{key}", f"must be at least 1, found {getattr(p, key)}")
     need(p.frame_size <= p.resize_size, "preprocessing.frame_size",
          f"({p.frame_size}) must not exceed preprocessing.resize_size ({p.resize_size})")
+    frames = p.num_segments if p.glance_positions is not None else p.num_glance + p.candidates
+    decoded = frames * p.resize_size ** 2 * 3  # bytes of one video's decoded frames (square video)
+    need(decoded <= MAX_DECODED_BYTES, "preprocessing.resize_size", f"({p.resize_size}) with {frames} frames "
+         f"sampled: one video would decode to {decoded / 2**30:.3g} GiB, more than {MAX_DECODED_BYTES // 2**30} "
+         "GiB (frames x resize_size^2 x 3 bytes)")
     need(len(p.mean) == 3 and len(p.std) == 3, "preprocessing.mean/std", "must hold 3 values each (R, G, B)")
     need(all(v > 0 for v in p.std), "preprocessing.std", "must be positive")
     need(0 < p.crop_min <= p.crop_max <= p.frame_size, "preprocessing.crop_min/crop_max",
@@ -476,12 +482,16 @@ class Bundle:
         v = m.verification
         if v.get("skipped"):
             lines.append("verified   no (exported with --no-verify)")
-        elif "passed" in v:
-            worst = max((c.get("max_rel", 0.0) for c in v.get("stages", [])), default=0.0)
-            exits_at = [x.get("exit_onnx") for x in v.get("videos", [])]
+        elif "passed" in v:  # a free-form record (dict[str, Any]): read what has the exporter's shape
+            checks = [c for c in v.get("stages", []) if isinstance(c, dict)] if isinstance(v.get("stages"), list) \
+                else []
+            rels = [c.get("max_rel") for c in checks]
+            worst = max((float(r) for r in rels if isinstance(r, (int, float)) and not isinstance(r, bool)),
+                        default=0.0)
+            runs = v.get("videos") if isinstance(v.get("videos"), list) else []
+            exits_at = [x.get("exit_onnx") if isinstance(x, dict) else None for x in runs]
             lines.append(f"verified   {'passed' if v['passed'] else 'FAILED'} ({v.get('precision')}): max rel err "
-                         f"{worst:.2g} over {len(v.get('stages', []))} outputs; {len(exits_at)} videos exiting "
-                         f"at {exits_at}")
+                         f"{worst:.2g} over {len(checks)} outputs; {len(exits_at)} videos exiting at {exits_at}")
         if m.training:
             lines.append(f"training   {json.dumps(m.training)}")
         return "\n".join(lines)
@@ -522,9 +532,12 @@ def read_manifest(bundle_dir: str | Path) -> Manifest:
         raise BundleError(f"{path.parent} is not a bundle: {MANIFEST_NAME} is missing")
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise BundleError(f"{path} is not valid JSON ({exc})") from exc
+    except RecursionError:
+        raise BundleError(f"{path} is not a bundle manifest: its JSON is nested too deeply") from None
+    except ValueError as exc:  # JSONDecodeError, UnicodeDecodeError, an integer of more than 4300 digits
+        raise BundleError(f"{path} is not valid JSON ({_one_line(exc)})") from None
     try:
+        _check_json(data)
         return Manifest.from_dict(data)
     except BundleError as exc:
         text = str(exc)
@@ -619,11 +632,52 @@ def update_manifest(bundle_dir: str | Path, fn: Callable[[Manifest], Manifest | 
 
 
 # ------------------------------------------------------------------------------------------- helpers
+MAX_JSON_DEPTH = 32  # a manifest nests 6 levels; free-form records (verification, training) a few more
+
+
+def _check_json(data: Any) -> None:
+    """Refuse parsed JSON that later code cannot handle whatever the schema says: nesting deeper than
+    MAX_JSON_DEPTH (recursive copies and dumps of free-form records would overflow the stack) and strings or
+    keys holding lone surrogates (JSON's ``\\udc80`` escapes; they cannot be printed or written as UTF-8)."""
+    stack: list[tuple[Any, str, int]] = [(data, "", 0)]
+    while stack:
+        node, where, depth = stack.pop()
+        if depth > MAX_JSON_DEPTH:
+            raise BundleError(f"bad bundle manifest: {where} nests more than {MAX_JSON_DEPTH} levels deep")
+        if isinstance(node, dict):
+            items = list(node.items())
+        elif isinstance(node, list):
+            items = list(enumerate(node))
+        else:
+            items = []
+            _check_text(node, where)
+        for key, value in items:
+            _check_text(key, where)
+            path = f"{where}[{key}]" if isinstance(key, int) else f"{where}.{key}" if where else str(key)
+            stack.append((value, path, depth + 1))
+
+
+def _check_text(value: Any, where: str) -> None:
+    if isinstance(value, str):
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError:
+            shown = value.encode("utf-8", "backslashreplace").decode("ascii", "replace")
+            raise BundleError(f"bad bundle manifest: {where or 'the manifest'} holds a string that is not valid "
+                              f"Unicode (a lone surrogate): '{shown[:60]}'") from None
+
+
+def _one_line(exc: BaseException) -> str:
+    return " ".join(str(exc).split())
+
+
 def _safe_name(name: str) -> str:
     """A bundle file name: relative, inside the bundle (no absolute paths, no '..')."""
     p = PurePosixPath(name)
     if not name or p.is_absolute() or ".." in p.parts or "\\" in name:
         raise BundleError(f"bad bundle file name {name!r}: must be a relative path inside the bundle")
+    if any(ord(ch) < 32 or ord(ch) == 127 for ch in name):
+        raise BundleError(f"bad bundle file name {name!r}: holds control characters")
     return name
 
 

@@ -437,16 +437,14 @@ def run_cmd(
     from adafocus.runtime.pipeline import Pipeline, expand_videos
 
     bundle = model or _default_bundle()
-    paths = expand_videos(videos) if videos else _default_videos()
-    if not paths:
-        raise typer.BadParameter("no videos found")
+    paths = expand_videos(videos) if videos else _default_videos()  # VideoError for a dir or glob with no video
     with Pipeline.from_bundle(bundle, engine=engine, device=device, threads=threads,
                               checkpoint=checkpoint) as pipe:
         plan = pipe.budget(budget, average)  # a malformed or too small budget fails here, before any video
         pipe.keep_decoded = save_vis is not None
         if not as_json:
             kind = "on average" if plan.average else "per video"
-            typer.echo(f"bundle {bundle} | engine {pipe.engine_name} on {device} | budget {plan.gflops:.4g} GFLOPs"
+            typer.echo(f"bundle {bundle} | engine {pipe.engine_name} on {pipe.device} | budget {plan.gflops:.4g} GFLOPs"
                        f" {kind} (<= {plan.max_steps} focus steps"
                        + (f", thresholds calibrated for {plan.calibrated_for:.4g})" if plan.thresholds else
                           ", no calibrated thresholds: no early exit)"), err=True)
@@ -534,7 +532,7 @@ def _run(typer_app: typer.Typer, argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         typer.echo("interrupted", err=True)
         return 130
-    except (AdaFocusError, OSError, ValueError) as exc:
+    except (AdaFocusError, OSError) as exc:  # only typed errors are the user's; anything else is a bug
         if _VERBOSE["on"]:
             raise
         typer.echo(f"error: {_one_line(exc)}", err=True)

@@ -22,7 +22,8 @@ from typing import Any
 import numpy as np
 
 from adafocus.bundle import Bundle, load_bundle
-from adafocus.errors import AdaFocusError, BundleError, EngineError
+from adafocus.device import parse_device, require_device
+from adafocus.errors import AdaFocusError, BundleError, EngineError, VideoError
 from adafocus.runtime.budget import Budget, make_budget
 from adafocus.runtime.crop import crop_planned, plan_crop
 from adafocus.runtime.exits import confidence
@@ -91,7 +92,7 @@ class Pipeline:
         self.pre = bundle.manifest.preprocessing
         self.engines = engines
         self.engine_name = engine_name
-        self.device = device
+        self.device = str(parse_device(device))  # canonical: "cpu" or "cuda:N"
         self.criterion = criterion or bundle.manifest.exit.criterion
         self.precision = bundle.manifest.precision  # which stage files run (from_bundle's precision)
         self.labels = bundle.manifest.labels
@@ -99,11 +100,11 @@ class Pipeline:
         self.exits = list(bundle.manifest.costs.exits)
         self.dense = float(getattr(bundle.manifest.costs, "dense", 0.0) or 0.0) or None
         self.keep_decoded = False  # attach the decoded frames to results (for --save-vis)
-        self._on_gpu = device != "cpu"
+        self._on_gpu = self.device != "cpu"
         if self._on_gpu:
             from adafocus.runtime.crop import get_cropper
 
-            self._crop = get_cropper(device)
+            self._crop = get_cropper(self.device)
             from adafocus.errors import require
 
             self._xp = require("cupy", "gpu", "GPU crops")
@@ -125,14 +126,16 @@ class Pipeline:
         """Load a bundle (checksums verified) and create one engine per stage.
 
         ``engine``: ``auto`` or a registered name (``ort``, ``ort-cuda``, ``ort-tensorrt``, ``tensorrt``,
-        ``torch``); ``device``: ``cpu`` or ``cuda[:N]``. The ``torch`` engine rebuilds the stages from the
-        PyTorch ``checkpoint`` the bundle was exported from (the export extra is needed for it).
+        ``torch``); ``device``: ``cpu`` or ``cuda[:N]`` (also ``gpu[:N]``, any case; a CUDA device this machine
+        does not have fails here, before the bundle is read or an engine picked). The ``torch`` engine rebuilds
+        the stages from the PyTorch ``checkpoint`` the bundle was exported from (the export extra is needed).
         ``precision``: the stage files to run, the bundle's own (None) or one recorded under
         ``manifest.precisions`` (e.g. ``int8`` from ``adafocus calibrate int8``; ONNX engines only).
         ``cuda_graphs``: the torch engine on cuda replays each stage as a CUDA graph (see TorchEngine).
         """
         from adafocus.engines.registry import create_engine, resolve_engine
 
+        device = str(require_device(device))  # parsed once, here: engines, crops and results see "cpu"/"cuda:N"
         bundle = load_bundle(path, verify=verify)
         name = resolve_engine(engine, device)
         files = _precision_files(bundle, precision, name)
@@ -155,6 +158,11 @@ class Pipeline:
                 options = {"threads": threads} if threads else {}
                 for stage in stages:
                     engines[stage] = create_engine(name, str(files[stage]), device=device, **options)
+            for stage, eng in engines.items():  # the manifest is not checksummed: check it against the files
+                why = bundle.manifest.stages[stage].io_mismatch(eng.inputs, eng.outputs)
+                if why is not None:
+                    raise BundleError(f"bundle {bundle.path}: stage {stage} ({files[stage].name}) does not match "
+                                      f"its manifest record: {why}")
         except Exception:
             for e in engines.values():
                 e.close()
@@ -423,20 +431,39 @@ class Pipeline:
 # ------------------------------------------------------------------------------------------ helpers
 def expand_videos(inputs: Iterable[str]) -> list[str]:
     """Paths, globs and directories (their video files, sorted) -> a list of paths; missing paths are kept
-    so that they are reported as failures."""
+    so that they are reported as failures.
+
+    Raises VideoError (one line) for a directory without video files (it names the directory and the
+    suffixes looked for, ``VIDEO_SUFFIXES``) and for a glob that matches nothing.
+    """
     import glob
 
     out: list[str] = []
     for item in inputs:
+        item = os.fspath(item)
         path = Path(item)
         if path.is_dir():
-            out += sorted(str(f) for f in path.iterdir() if f.suffix.lower() in VIDEO_SUFFIXES)
+            found = _videos_in(path)
+            if not found:
+                raise VideoError(f"{item}: no videos in this directory (looked for {', '.join(VIDEO_SUFFIXES)})")
+            out += found
         elif any(ch in item for ch in "*?[") and not path.exists():
             matches = sorted(glob.glob(item, recursive=True))
-            out += matches if matches else [item]
+            if not matches:
+                raise VideoError(f"{item}: no files match this pattern")
+            out += matches
         else:
             out.append(item)
     return out
+
+
+def _videos_in(directory: Path) -> list[str]:
+    """The video files (by suffix, case-insensitive) directly in ``directory``, sorted."""
+    try:
+        entries = list(directory.iterdir())
+    except PermissionError:
+        raise VideoError(f"{directory}: permission denied") from None
+    return sorted(str(f) for f in entries if f.suffix.lower() in VIDEO_SUFFIXES)
 
 
 @functools.lru_cache(maxsize=256)
@@ -499,8 +526,13 @@ def _torch_stage_engines(checkpoint, bundle: Bundle, device: str, cuda_graphs: b
     from adafocus.engines.registry import create_engine
     from adafocus.export.stages import SIGNATURES, StageModule
     from adafocus.models import load
+    from adafocus.models.checkpoint import check_source
 
     model = load(checkpoint)
+    # the checkpoint must be the one the bundle was exported from (its weights digest, or for bundles without
+    # one its model config), before any stage is built: another model's weights would run without a word
+    m = bundle.manifest
+    check_source(model, checkpoint, m.source, m.config, str(bundle.path))
     engines = {}
     for stage in ("global", "policy", "local"):
         ins, outs = SIGNATURES[(model.cfg.family, stage)]
