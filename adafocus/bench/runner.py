@@ -27,6 +27,7 @@ The benchmark's own bookkeeping (reading counters, storing samples) happens outs
 
 from __future__ import annotations
 
+import dataclasses
 import inspect
 import os
 import statistics
@@ -39,6 +40,7 @@ from typing import Any
 
 import numpy as np
 
+from adafocus.device import require_device
 from adafocus.errors import AdaFocusError
 
 ENGINE_STAGES = ("global", "policy", "local")
@@ -392,6 +394,7 @@ def run_benchmark(config: BenchConfig, log: Log | None = print) -> dict[str, Any
     say = log or (lambda _line: None)
     if not config.videos:
         raise AdaFocusError("no videos to benchmark")
+    config = dataclasses.replace(config, device=str(require_device(config.device)))  # "CPU" -> "cpu", once
     if config.repeats < 1:
         raise AdaFocusError(f"repeats must be >= 1, got {config.repeats}")
     check_videos(config.videos)
