@@ -432,6 +432,8 @@ def run_cmd(
     save_vis: Path = typer.Option(None, "--save-vis", help="Write a video with the patches drawn (.mp4)."),
     threads: int = typer.Option(None, "--threads", help="CPU threads per engine (default: onnxruntime's)."),
     checkpoint: Path = typer.Option(None, "--checkpoint", help="PyTorch checkpoint (for --engine torch)."),
+    batch: int = typer.Option(1, "--batch", help="Videos in flight at once, their engine calls batched per stage "
+                              "(results then come in the order videos finish)."),
 ):
     """Run videos through a bundle: glance, policy, patches, early exit under the budget."""
     from adafocus.runtime.pipeline import Pipeline, expand_videos
@@ -448,7 +450,7 @@ def run_cmd(
                        f" {kind} (<= {plan.max_steps} focus steps"
                        + (f", thresholds calibrated for {plan.calibrated_for:.4g})" if plan.thresholds else
                           ", no calibrated thresholds: no early exit)"), err=True)
-        results, failures = _run_videos(pipe, paths, plan, topk, as_json, save_vis)
+        results, failures = _run_videos(pipe, paths, plan, topk, as_json, save_vis, batch)
     if not as_json:
         _print_table(results)
     for path, err in failures:
@@ -462,7 +464,7 @@ def _default_videos() -> list[str]:
     return [str(p) for p in sample_videos()]
 
 
-def _run_videos(pipe, paths, plan, topk, as_json, save_vis):
+def _run_videos(pipe, paths, plan, topk, as_json, save_vis, batch=1):
     from rich.progress import Progress
 
     from adafocus.runtime.visualize import save_visualization
@@ -471,7 +473,7 @@ def _run_videos(pipe, paths, plan, topk, as_json, save_vis):
     show = len(paths) > 1 and not as_json
     with Progress(transient=True, disable=not show) as progress:
         task = progress.add_task("videos", total=len(paths))
-        for path, res in pipe.run_many(paths, plan, topk=topk):
+        for path, res in pipe.run_many(paths, plan, topk=topk, batch=batch):
             progress.advance(task)
             if isinstance(res, Exception):
                 failures.append((path, res))

@@ -21,17 +21,32 @@ def confidence(logits: np.ndarray, criterion: str = "max_logit") -> np.ndarray:
     raise ConfigError(f"unknown exit criterion {criterion!r}; known: {', '.join(CRITERIA)}")
 
 
+def threshold(thresholds, k: int) -> float | None:
+    """``thresholds[k]`` as a float, or None where step k never exits on confidence: no table (None), a table
+    shorter than k + 1 entries, or a None entry."""
+    if thresholds is None or k >= len(thresholds) or thresholds[k] is None:
+        return None
+    return float(thresholds[k])
+
+
+def passes(thresholds, k: int, score: float) -> bool:
+    """THE exit rule: step k's criterion ``score`` exits the video when it reaches ``thresholds[k]``
+    (``score >= T_k``; equality exits). A missing or None threshold never exits. Whether the last step ends
+    the video anyway is the caller's step loop (see :func:`first_exit`), not this rule."""
+    t = threshold(thresholds, k)
+    return t is not None and float(score) >= t
+
+
 def first_exit(scores: np.ndarray, thresholds) -> np.ndarray:
-    """Per video, the first step k whose score reaches ``thresholds[k]``; the last step otherwise.
+    """Per video, the first step k whose score :func:`passes` ``thresholds[k]``; the last step otherwise.
 
     scores: ``[B, E]`` (or ``[E]``); thresholds: ``E`` values (missing/None entries never exit).
     """
     s = np.atleast_2d(np.asarray(scores, dtype=np.float64))
     e = s.shape[1]
-    t = np.full(e, np.inf)
-    for k, v in enumerate(list(thresholds)[:e]):
-        if v is not None:
-            t[k] = float(v)
-    hit = s >= t[None, :]
-    hit[:, -1] = True
+    ts = [threshold(thresholds, k) for k in range(e)]
+    defined = np.array([t is not None for t in ts], dtype=bool)
+    t = np.array([np.inf if v is None else v for v in ts], dtype=np.float64)
+    hit = defined[None, :] & (s >= t[None, :])  # passes(), vectorised
+    hit[:, -1] = True  # the last step always ends the video
     return np.argmax(hit, axis=1)

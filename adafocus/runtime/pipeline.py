@@ -11,7 +11,6 @@ here imports torch: the edge install is numpy + onnxruntime + OpenCV.
 
 from __future__ import annotations
 
-import functools
 import os
 import time
 from collections.abc import Iterable, Iterator
@@ -23,11 +22,10 @@ import numpy as np
 
 from adafocus.bundle import Bundle, load_bundle
 from adafocus.device import parse_device, require_device
-from adafocus.errors import AdaFocusError, BundleError, EngineError, VideoError
+from adafocus.errors import AdaFocusError, BundleError, ConfigError, EngineError, VideoError
 from adafocus.runtime.budget import Budget, make_budget
-from adafocus.runtime.crop import crop_planned, plan_crop
-from adafocus.runtime.exits import confidence
-from adafocus.runtime.sampling import crop_boxes, focus_positions, segment_indices
+from adafocus.runtime.sampling import segment_indices
+from adafocus.runtime.scheduler import DeviceFrames, Flight, HostFrames, LazyHostFrames, StepScheduler, host
 
 VIDEO_SUFFIXES = (".mp4", ".avi", ".mov", ".mkv", ".webm", ".m4v", ".mpg", ".mpeg", ".wmv")
 
@@ -60,6 +58,7 @@ class VideoResult:
     engine: str
     timings_ms: dict[str, float]
     steps: list[dict[str, Any]] = field(default_factory=list)  # per exit: step, label, score, confidence
+    focus_positions: list[int] = field(default_factory=list)  # candidates the policy chose (all K; [] at exit 0)
     decoded: Any = field(default=None, repr=False, compare=False)  # the DecodedVideo, kept for --save-vis
 
     def to_dict(self) -> dict:
@@ -223,109 +222,46 @@ class Pipeline:
         return preprocess(frames_uint8, p.resize_size, p.frame_size, p.mean, p.std)
 
     # -------------------------------------------------------------------------------------- step loop
+    def scheduler(self) -> StepScheduler:
+        """A step scheduler over this pipeline's engines (its ``stats`` count the calls it made)."""
+        return StepScheduler(self.manifest, self.engines, self.criterion, self._xp)
+
+    def frame_source(self, frames: Any, glance_frames: Any = None) -> tuple[HostFrames, dict[str, float]]:
+        """The step loop's frame source for normalised candidates ``[N, 3, S, S]`` (an array, or
+        :class:`~adafocus.runtime.preprocess.LazyFrames`), and the time spent making it (upload,
+        preprocessing a lazy source in full)."""
+        from adafocus.runtime.preprocess import LazyFrames
+
+        p, t = self.pre, {"upload": 0.0}
+        if isinstance(frames, LazyFrames):
+            if not self._on_gpu and self.family == "base" and p.glance_positions is not None:
+                return LazyHostFrames(frames), t  # the CPU base loop reads the focus frames one by one
+            lazy, before = frames, frames.ms
+            frames = lazy.materialize()
+            t["preprocess"] = lazy.ms - before
+        if glance_frames is None:
+            if p.glance_positions is None:
+                raise ValueError("this bundle's glance frames are sampled separately: pass glance_frames")
+            glance_frames = frames[np.asarray(p.glance_positions)]
+        if not self._on_gpu:
+            return HostFrames(frames, glance_frames), t
+        tick = time.perf_counter()
+        xp = self._xp
+        source = DeviceFrames(xp.asarray(frames), xp.asarray(glance_frames), self._crop, xp)
+        t["upload"] = (time.perf_counter() - tick) * 1e3
+        return source, t
+
     def run_frames(self, frames: np.ndarray, budget: Budget | None = None,
                    glance_frames: np.ndarray | None = None) -> Trace:
         """The step loop on normalised frames: candidates ``[N, 3, S, S]`` (+ the TSM glance frames).
 
         Base family: the glance frames are ``preprocessing.glance_positions`` of the candidates.
         """
-        from adafocus.runtime.preprocess import LazyFrames
-
-        p = self.pre
-        budget = budget or self.budget(None)
-        thresholds = budget.thresholds
-        t: dict[str, float] = {"glance": 0.0, "policy": 0.0, "crop": 0.0, "local": 0.0}
-        xp = self._xp
-        lazy = given = frames if isinstance(frames, LazyFrames) else None
-        lazy_ms = lazy.ms if lazy is not None else 0.0
-        if lazy is not None and (self._on_gpu or self.family != "base" or p.glance_positions is None):
-            frames, lazy = lazy.materialize(), None  # only the CPU base loop reads frames one by one
-            t["preprocess"] = given.ms - lazy_ms
-        tick = time.perf_counter()
-        if self._on_gpu:
-            frames = xp.asarray(frames)
-            if glance_frames is not None:
-                glance_frames = xp.asarray(glance_frames)
-        t["upload"] = (time.perf_counter() - tick) * 1e3
-        if lazy is not None:
-            glance_in = lazy.first()  # already contiguous: LazyFrames(first=glance_positions)
-        elif p.glance_positions is not None:
-            glance_in = frames[xp.asarray(p.glance_positions)]
-        else:
-            glance_in = glance_frames
-        if glance_in is None:
-            raise ValueError("this bundle's glance frames are sampled separately: pass glance_frames")
-
-        tick = time.perf_counter()
-        g = self.engines["global"].run({"frames": glance_in[None]})
-        t["glance"] = (time.perf_counter() - tick) * 1e3
-        logits_list = [_host(g["logits"])[0]]
-        scores = [float(confidence(logits_list[0], self.criterion))]
-        empty = Trace(logits_list, scores, np.zeros(0, np.int64), np.zeros((0, 4), np.float32), 0, "", t)
-        if _passes(thresholds, 0, scores[0]):
-            empty.exit_reason = "confident"
-            return empty
-        if budget.max_steps == 0:
-            empty.exit_reason = "budget"
-            return empty
-
-        tick = time.perf_counter()
-        pol = self.engines["policy"].run({"fmap": g["fmap"], "vec": g["vec"]})
-        actions, weights = _host(pol["actions"])[0], _host(pol["weights"])
-        positions = focus_positions(weights, p.candidates, p.num_focus, clamp=p.focus_clamp)[0]
-        acts = actions[positions] if actions.shape[0] == p.candidates else np.repeat(actions, p.num_focus, 0)
-        boxes = crop_boxes(acts, p.frame_size, p.crop_min, p.crop_max)
-        t["policy"] = (time.perf_counter() - tick) * 1e3
-
-        context = g["context"]
-        n_steps = len(self.exits) - 1
-        reason = "last"
-        if self.family == "base":
-            state = xp.zeros((1, int(self.manifest.stages["local"].inputs[1].shape[1])), np.float32)
-            tick = time.perf_counter()
-            plan = None if self._on_gpu else plan_crop(boxes, p.frame_size, p.patch_size)
-            t["crop"] += (time.perf_counter() - tick) * 1e3
-            for k in range(n_steps):
-                if k + 1 > budget.max_steps:
-                    reason = "budget"
-                    break
-                if lazy is not None:  # the focus frame, preprocessed now if no earlier step used it
-                    source, index = lazy.frame(int(positions[k]))[None], 0
-                else:
-                    source, index = frames, int(positions[k])
-                tick = time.perf_counter()
-                if plan is not None:  # CPU: the boxes' interpolation tables were made once, above
-                    patch = crop_planned(source, plan, k, index)
-                else:
-                    patch = self._crop(frames, xp.asarray(boxes[k:k + 1]), p.patch_size,
-                                       xp.asarray(positions[k:k + 1]))
-                t["crop"] += (time.perf_counter() - tick) * 1e3
-                tick = time.perf_counter()
-                out = self.engines["local"].run({"patch": patch, "state": state, "context": context,
-                                                 "step": _step_feed(k)})
-                t["local"] += (time.perf_counter() - tick) * 1e3
-                state = out["new_state"]
-                logits_list.append(_host(out["logits"])[0])
-                scores.append(float(confidence(logits_list[-1], self.criterion)))
-                if k + 1 < n_steps and _passes(thresholds, k + 1, scores[-1]):
-                    reason = "confident"
-                    break
-        else:  # tsm: one step with all K patches, one box per video
-            if budget.max_steps >= 1:
-                tick = time.perf_counter()
-                patches = self._crop(frames, xp.asarray(boxes), p.patch_size, xp.asarray(positions))
-                t["crop"] += (time.perf_counter() - tick) * 1e3
-                tick = time.perf_counter()
-                out = self.engines["local"].run({"patches": patches[None], "context": context})
-                t["local"] += (time.perf_counter() - tick) * 1e3
-                logits_list.append(_host(out["logits"])[0])
-                scores.append(float(confidence(logits_list[-1], self.criterion)))
-            else:
-                reason = "budget"
-        steps_taken = len(logits_list) - 1
-        if given is not None:  # frames first preprocessed here (by the focus steps, or to materialize)
-            t["preprocess"] = given.ms - lazy_ms
-        return Trace(logits_list, scores, positions, boxes, steps_taken, reason, t)
+        source, t = self.frame_source(frames, glance_frames)
+        flight = Flight(None, source, budget or self.budget(None))
+        flight.timings_ms.update(t)
+        (done,) = list(self.scheduler().run([flight]))
+        return _trace(done)
 
     # ------------------------------------------------------------------------------------------ videos
     def __call__(self, video: str | os.PathLike | Any, budget: str | float | Budget | None = None,
@@ -333,59 +269,106 @@ class Pipeline:
         """Run one video (a path or an already decoded :class:`DecodedVideo`)."""
         b = budget if isinstance(budget, Budget) else self.budget(budget)
         is_path = isinstance(video, (str, os.PathLike))
+        start = time.perf_counter()
         decoded = self.decode(video) if is_path else video
-        decode_ms = decoded.decode_ms if is_path else 0.0
-        return self._run_decoded(decoded, b, topk, decode_ms, time.perf_counter())
+        flight = self._flight(decoded, b, decode_ms=decoded.decode_ms if is_path else 0.0, start=start)
+        (done,) = list(self.scheduler().run([flight]))
+        if done.error is not None:
+            raise done.error
+        return self._result(done, topk)
 
     def run_many(self, videos: Iterable[str | os.PathLike], budget: str | float | Budget | None = None,
-                 topk: int = 5, prefetch: int = 2) -> Iterator[tuple[str, VideoResult | AdaFocusError]]:
+                 topk: int = 5, prefetch: int = 2, batch: int = 1, workers: int = 1
+                 ) -> Iterator[tuple[str, VideoResult | AdaFocusError]]:
         """Run many videos, decoding the next ones in the background while the engines run.
 
-        Yields ``(path, result)``; a video that fails yields its error (the others go on).
+        ``batch``: videos in flight at once; their engine calls are batched per stage (one glance call for
+        the new videos, one local call for the next focus step of all the others). With ``batch`` 1 the
+        results come in input order; with more, in the order videos finish. Yields ``(path, result)``; a
+        video that fails yields its error (the others go on).
         """
         from adafocus.runtime.decode import Prefetcher
 
+        if batch < 1:
+            raise ConfigError(f"batch must be >= 1, got {batch}")
         b = budget if isinstance(budget, Budget) else self.budget(budget)
-        with Prefetcher(list(videos), self.decode, depth=prefetch) as queue:
-            for item in queue:
-                path = str(item.item)
-                if item.error is not None:
-                    err = item.error
-                    yield path, err if isinstance(err, AdaFocusError) else AdaFocusError(f"{path}: {err}")
-                    continue
-                start = time.perf_counter()
-                try:
-                    yield path, self._run_decoded(item.result, b, topk, 0.0, start, item.result.decode_ms)
-                except AdaFocusError as exc:
-                    yield path, exc
+        # one at a time: decode ahead, preprocess (lazily) here; batched: decode + preprocess ahead
+        load = self.decode if batch == 1 else self._decode_preprocessed
+        sched = self.scheduler()
+        depth = max(prefetch, 2 * batch) if batch > 1 else prefetch
+        with Prefetcher(list(videos), load, depth=depth, workers=workers) as queue:
+            def flights():
+                for item in queue:
+                    path = str(item.item)
+                    if item.error is not None:
+                        err = item.error
+                        yield path, err if isinstance(err, AdaFocusError) else AdaFocusError(f"{path}: {err}")
+                        continue
+                    try:
+                        yield self._flight(item.result, b, background_ms=item.result.decode_ms,
+                                           start=time.perf_counter())
+                    except AdaFocusError as exc:
+                        yield path, exc
 
-    def _run_decoded(self, decoded, budget: Budget, topk: int, decode_ms: float, start: float,
-                     background_decode_ms: float | None = None) -> VideoResult:
+            for done in sched.run(flights(), slots=batch):
+                if isinstance(done, tuple):
+                    yield done
+                elif done.error is not None:
+                    yield done.key, done.error
+                else:
+                    yield done.key, self._result(done, topk)
+        self.last_stats = sched.stats
+
+    def _decode_preprocessed(self, path: str | os.PathLike):
+        """Decode and preprocess one video (in a background thread, for the batched mode)."""
+        decoded = self.decode(path)
+        tick = time.perf_counter()
+        decoded.preprocessed = self.preprocess(decoded.frames)
+        decoded.preprocess_ms = (time.perf_counter() - tick) * 1e3
+        if not self.keep_decoded:
+            decoded.frames = None
+        return decoded
+
+    def _flight(self, decoded, budget: Budget, decode_ms: float = 0.0, background_ms: float | None = None,
+                start: float | None = None) -> Flight:
+        """A flight for a decoded video: preprocessed (lazily on the CPU base family), glance and candidates
+        split, the source made."""
         from adafocus.runtime.preprocess import LazyFrames
 
         p = self.pre
+        start = time.perf_counter() if start is None else start
         tick = time.perf_counter()
-        if p.glance_positions is not None and self.family == "base" and not self._on_gpu:
-            # CPU: preprocess the glance frames now and each focus frame when a step first crops it
-            frames = LazyFrames(decoded.frames, p.resize_size, p.frame_size, p.mean, p.std,
-                                first=p.glance_positions)
-        else:
-            frames = self.preprocess(decoded.frames)
+        frames = getattr(decoded, "preprocessed", None)
+        if frames is None:
+            if p.glance_positions is not None and self.family == "base" and not self._on_gpu:
+                frames = LazyFrames(decoded.frames, p.resize_size, p.frame_size, p.mean, p.std,
+                                    first=p.glance_positions)
+            else:
+                frames = self.preprocess(decoded.frames)
         if p.glance_positions is None:
             glance_frames, candidates = frames[:p.num_glance], frames[p.num_glance:]
-            cand_index = decoded.indices[p.num_glance:]
-            glance_index = decoded.indices[:p.num_glance]
         else:
             glance_frames, candidates = None, frames
-            cand_index = decoded.indices
-            glance_index = decoded.indices[np.asarray(p.glance_positions)]
-        pre_ms = (time.perf_counter() - tick) * 1e3
-        trace = self.run_frames(candidates, budget, glance_frames)
-        total = (time.perf_counter() - start) * 1e3 + decode_ms
-        timings = {"decode": decode_ms if background_decode_ms is None else 0.0, **trace.timings_ms,
-                   "preprocess": pre_ms + trace.timings_ms.get("preprocess", 0.0)}  # + focus frames done lazily
-        if background_decode_ms is not None:
-            timings["decode_background"] = background_decode_ms
+        pre_ms = (time.perf_counter() - tick) * 1e3 + getattr(decoded, "preprocess_ms", 0.0)
+        source, t = self.frame_source(candidates, glance_frames)
+        flight = Flight(str(decoded.path), source, budget,
+                        meta=_Meta(decoded, decode_ms, background_ms, start, pre_ms))
+        flight.timings_ms.update(t)
+        return flight
+
+    def _result(self, flight: Flight, topk: int) -> VideoResult:
+        """The VideoResult of a finished flight: labels, patches in video pixels, cost, timings."""
+        p, meta = self.pre, flight.meta
+        decoded, trace = meta.decoded, _trace(flight)
+        if p.glance_positions is None:
+            cand_index, glance_index = decoded.indices[p.num_glance:], decoded.indices[:p.num_glance]
+        else:
+            cand_index, glance_index = decoded.indices, decoded.indices[np.asarray(p.glance_positions)]
+        total = (time.perf_counter() - meta.start) * 1e3 + meta.decode_ms
+        timings = {"decode": meta.decode_ms if meta.background_ms is None else 0.0, **trace.timings_ms,
+                   "preprocess": meta.pre_ms + trace.timings_ms.get("preprocess", 0.0)}  # + focus frames done lazily
+        if meta.background_ms is not None:
+            timings["decode_background"] = meta.background_ms
         timings["total"] = total
         timings["other"] = max(0.0, total - sum(v for k, v in timings.items()
                                                 if k not in ("total", "decode_background")))
@@ -408,8 +391,9 @@ class Pipeline:
             video=str(decoded.path), label=names[int(order[0])], score=float(prob[order[0]]),
             topk=[(names[int(i)], float(prob[i])) for i in order], exit_step=trace.exit_step,
             exit_reason=trace.exit_reason, confidence=trace.scores[-1], frames_used=used, patches=patches,
-            gflops=float(self.exits[trace.exit_step]), budget_gflops=float(budget.gflops),
+            gflops=float(self.exits[trace.exit_step]), budget_gflops=float(flight.budget.gflops),
             engine=self.engine_name, timings_ms={k: round(v, 3) for k, v in timings.items()}, steps=steps,
+            focus_positions=[int(x) for x in trace.positions] if trace.exit_step else [],
             decoded=decoded if self.keep_decoded else None)
 
     def _source_boxes(self, boxes: np.ndarray, decoded) -> np.ndarray:
@@ -429,6 +413,25 @@ class Pipeline:
 
 
 # ------------------------------------------------------------------------------------------ helpers
+@dataclass
+class _Meta:
+    """What a flight carries for its VideoResult: the decoded video and the time spent before the loop."""
+
+    decoded: Any
+    decode_ms: float  # decode time paid in the foreground
+    background_ms: float | None  # decode time paid in a prefetch thread (None: decoded in the foreground)
+    start: float  # perf_counter when the video's work began here
+    pre_ms: float  # preprocessing before the loop
+
+
+def _trace(f: Flight) -> Trace:
+    """A finished flight's decisions as a Trace (preprocessing done lazily by its steps included)."""
+    t = dict(f.timings_ms)
+    if f.source.preprocess_ms:
+        t["preprocess"] = t.get("preprocess", 0.0) + f.source.preprocess_ms
+    return Trace(f.logits, f.scores, f.positions, f.boxes, f.steps, f.reason, t)
+
+
 def expand_videos(inputs: Iterable[str]) -> list[str]:
     """Paths, globs and directories (their video files, sorted) -> a list of paths; missing paths are kept
     so that they are reported as failures.
@@ -466,31 +469,7 @@ def _videos_in(directory: Path) -> list[str]:
     return sorted(str(f) for f in entries if f.suffix.lower() in VIDEO_SUFFIXES)
 
 
-@functools.lru_cache(maxsize=256)
-def _step_feed(k: int) -> np.ndarray:
-    """The local stage's ``step`` input for step k (made once: it is fed every step of every video)."""
-    a = np.array([k], np.int64)
-    a.setflags(write=False)
-    return a
-
-
-def _passes(thresholds, k: int, score: float) -> bool:
-    if thresholds is None or k >= len(thresholds) or thresholds[k] is None:
-        return False
-    return score >= float(thresholds[k])
-
-
-def _host(x: Any) -> np.ndarray:
-    if isinstance(x, np.ndarray):
-        return x
-    if hasattr(x, "get"):  # cupy
-        return x.get()
-    if hasattr(x, "numpy"):  # OrtValue / torch
-        try:
-            return x.numpy()
-        except TypeError:
-            return x.cpu().numpy()
-    return np.asarray(x)
+_host = host  # engine outputs as numpy (cupy, OrtValue, torch)
 
 
 def _softmax(x: np.ndarray) -> np.ndarray:

@@ -1,0 +1,392 @@
+"""The step loop: one state per video in flight, and a scheduler that batches their pending engine calls.
+
+Every video goes glance -> (exit 0?) -> policy -> focus steps -> done. A :class:`Flight` holds one video's
+state and says which stage it needs next; :class:`StepScheduler` keeps up to ``slots`` flights going and,
+each round, makes **one** engine call per stage for every flight that waits on it (the glance of the new
+videos, the policy of those that go on, the next focus step of all the others), then retires the flights
+that are done and admits new ones. One video at a time is the scheduler with one slot, so ``Pipeline``,
+``run_many(batch=N)``, bench, calibration and INT8 recording all run this loop and take the same decisions.
+
+Two small strategies keep the loop free of branches on where frames live and on the model family:
+
+- a frame source (:class:`HostFrames`, :class:`LazyHostFrames`, :class:`DeviceFrames`) gives the glance
+  input and cuts patches (on the host with a crop plan made once per video, or on the GPU);
+- a family (:class:`BaseFamily`: K steps of one patch with a running classifier state; :class:`TsmFamily`:
+  one step of all K patches) builds the local stage's feed and reads its output.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from adafocus.bundle import Preprocessing
+from adafocus.errors import AdaFocusError
+from adafocus.runtime.budget import Budget
+from adafocus.runtime.crop import crop_planned, plan_crop
+from adafocus.runtime.exits import confidence, passes
+from adafocus.runtime.sampling import crop_boxes, focus_positions
+
+STAGES = ("global", "policy", "local")
+
+
+# ------------------------------------------------------------------------------------------ sources
+class HostFrames:
+    """Preprocessed candidates on the host ``[N, 3, S, S]`` (+ the glance frames when sampled apart)."""
+
+    def __init__(self, candidates: np.ndarray, glance: np.ndarray):
+        self.candidates = candidates
+        self._glance = glance
+        self._plan = None
+
+    def glance(self) -> Any:
+        return self._glance
+
+    def prepare(self, boxes: np.ndarray, pre: Preprocessing) -> None:
+        self._plan = plan_crop(boxes, pre.frame_size, pre.patch_size)  # interpolation tables, once
+
+    def patch(self, k: int, position: int, boxes: np.ndarray, pre: Preprocessing) -> np.ndarray:
+        """Patch ``[1, 3, P, P]`` of box ``k`` on candidate ``position``."""
+        return crop_planned(self.candidates, self._plan, k, position)
+
+    def patches(self, positions: np.ndarray, boxes: np.ndarray, pre: Preprocessing) -> np.ndarray:
+        """Every box on its frame ``[K, 3, P, P]`` (the TSM family's one step)."""
+        from adafocus.runtime.crop import crop_cpu
+
+        return crop_cpu(self.candidates, boxes, pre.patch_size, positions)
+
+    @property
+    def preprocess_ms(self) -> float:
+        return 0.0
+
+
+class LazyHostFrames(HostFrames):
+    """Candidates preprocessed on first use (:class:`~adafocus.runtime.preprocess.LazyFrames`): the glance
+    frames at once, each focus frame when a step first crops it (the CPU base family reads about 11 of 16)."""
+
+    def __init__(self, lazy):
+        super().__init__(None, None)
+        self.lazy = lazy
+        self._ms0 = lazy.ms
+
+    def glance(self) -> Any:
+        return self.lazy.first()
+
+    def patch(self, k: int, position: int, boxes: np.ndarray, pre: Preprocessing) -> np.ndarray:
+        return crop_planned(self.lazy.frame(position)[None], self._plan, k, 0)
+
+    def patches(self, positions: np.ndarray, boxes: np.ndarray, pre: Preprocessing) -> np.ndarray:
+        from adafocus.runtime.crop import crop_cpu
+
+        return crop_cpu(np.stack([self.lazy.frame(int(i)) for i in positions]), boxes, pre.patch_size)
+
+    @property
+    def preprocess_ms(self) -> float:
+        """Preprocessing done by the focus steps (the glance frames' share was paid before the loop)."""
+        return self.lazy.ms - self._ms0
+
+
+class DeviceFrames(HostFrames):
+    """Candidates on the GPU (cupy); patches cut there by ``crop`` (:func:`~adafocus.runtime.crop.crop_gpu`)."""
+
+    def __init__(self, candidates: Any, glance: Any, crop, xp):
+        super().__init__(candidates, glance)
+        self._crop, self._xp = crop, xp
+
+    def prepare(self, boxes: np.ndarray, pre: Preprocessing) -> None:
+        pass
+
+    def patch(self, k: int, position: int, boxes: np.ndarray, pre: Preprocessing) -> Any:
+        xp = self._xp
+        return self._crop(self.candidates, xp.asarray(boxes[k:k + 1]), pre.patch_size,
+                          xp.asarray(np.asarray([position])))
+
+    def patches(self, positions: np.ndarray, boxes: np.ndarray, pre: Preprocessing) -> Any:
+        xp = self._xp
+        return self._crop(self.candidates, xp.asarray(boxes), pre.patch_size, xp.asarray(positions))
+
+
+# ------------------------------------------------------------------------------------------- flights
+@dataclass
+class Flight:
+    """One video in flight: its frames, budget and everything decided so far."""
+
+    key: Any  # what the caller tracks the video by (a path, an index)
+    source: HostFrames
+    budget: Budget
+    logits: list[np.ndarray] = field(default_factory=list)  # [C] per exit taken
+    scores: list[float] = field(default_factory=list)
+    positions: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64))
+    boxes: np.ndarray = field(default_factory=lambda: np.zeros((0, 4), np.float32))
+    glance_out: dict[str, Any] | None = None  # this video's rows of the glance outputs, until the policy ran
+    context: Any = None
+    state: Any = None  # the base family's running classifier state [1, D]
+    reason: str = ""  # "confident", "budget", "last" once done; "error" when an engine call failed
+    error: Exception | None = None
+    timings_ms: dict[str, float] = field(default_factory=lambda: dict.fromkeys(("glance", "policy", "crop",
+                                                                                     "local"), 0.0))
+    meta: Any = None  # the caller's (the decoded video, for results)
+
+    @property
+    def steps(self) -> int:
+        """Focus steps taken."""
+        return max(0, len(self.logits) - 1)
+
+    def next_stage(self) -> str | None:
+        if self.reason:
+            return None
+        if not self.logits:
+            return "global"
+        return "policy" if self.glance_out is not None else "local"
+
+
+# ------------------------------------------------------------------------------------------ families
+class BaseFamily:
+    """K focus steps of one patch each; the classifier's running state goes from step to step."""
+
+    def __init__(self, manifest):
+        self.pre = manifest.preprocessing
+        self.steps = len(manifest.costs.exits) - 1
+        self.state_dim = int(manifest.stages["local"].inputs[1].shape[1])
+
+    def start(self, flight: Flight, xp) -> None:
+        flight.state = xp.zeros((1, self.state_dim), np.float32)
+        flight.source.prepare(flight.boxes, self.pre)
+
+    def feed(self, flights: list[Flight], xp) -> tuple[dict[str, Any], float]:
+        """The local stage's feed for the next step of every flight, and the crop time (ms)."""
+        tick = time.perf_counter()
+        patches = [f.source.patch(f.steps, int(f.positions[f.steps]), f.boxes, self.pre) for f in flights]
+        crop_ms = (time.perf_counter() - tick) * 1e3
+        if len(flights) == 1:
+            f = flights[0]
+            return {"patch": patches[0], "state": f.state, "context": f.context, "step": _step_feed(f.steps)}, \
+                crop_ms
+        feeds = {"patch": xp.concatenate(patches), "state": _cat([f.state for f in flights], xp),
+                 "context": _cat([f.context for f in flights], xp),
+                 "step": np.array([f.steps for f in flights], np.int64)}
+        return feeds, crop_ms
+
+    def absorb(self, flights: list[Flight], out: dict[str, Any]) -> None:
+        new_state = out["new_state"]
+        for i, f in enumerate(flights):
+            f.state = new_state if len(flights) == 1 else new_state[i:i + 1]
+
+
+class TsmFamily:
+    """One focus step that takes all K patches (one box per video)."""
+
+    def __init__(self, manifest):
+        self.pre = manifest.preprocessing
+        self.steps = 1
+
+    def start(self, flight: Flight, xp) -> None:
+        pass
+
+    def feed(self, flights: list[Flight], xp) -> tuple[dict[str, Any], float]:
+        tick = time.perf_counter()
+        patches = [f.source.patches(f.positions, f.boxes, self.pre) for f in flights]
+        crop_ms = (time.perf_counter() - tick) * 1e3
+        return {"patches": xp.stack(patches), "context": _cat([f.context for f in flights], xp)}, crop_ms
+
+    def absorb(self, flights: list[Flight], out: dict[str, Any]) -> None:
+        pass
+
+
+FAMILIES = {"base": BaseFamily, "tsm": TsmFamily}
+
+
+# --------------------------------------------------------------------------------------------- stats
+@dataclass
+class BatchStats:
+    """Engine calls and their sizes over one scheduler run (what batching achieved)."""
+
+    videos: int = 0
+    failed: int = 0
+    calls: dict[str, int] = field(default_factory=lambda: dict.fromkeys(STAGES, 0))
+    items: dict[str, int] = field(default_factory=lambda: dict.fromkeys(STAGES, 0))
+    engine_ms: dict[str, float] = field(default_factory=lambda: dict.fromkeys(STAGES, 0.0))
+    crop_ms: float = 0.0
+    wall_s: float = 0.0
+
+    def mean_batch(self, stage: str = "local") -> float:
+        """Mean number of videos per call of ``stage``."""
+        return self.items[stage] / self.calls[stage] if self.calls[stage] else 0.0
+
+    def to_dict(self) -> dict:
+        return {"videos": self.videos, "failed": self.failed, "calls": dict(self.calls), "items": dict(self.items),
+                "mean_batch": {k: round(self.mean_batch(k), 3) for k in self.calls},
+                "engine_ms": {k: round(v, 3) for k, v in self.engine_ms.items()}, "crop_ms": round(self.crop_ms, 3),
+                "wall_s": round(self.wall_s, 4)}
+
+
+# ------------------------------------------------------------------------------------------ scheduler
+class StepScheduler:
+    """Runs flights through a bundle's engines, batching each stage's pending calls across flights.
+
+    ``engines``: stage -> engine (``global``, ``policy``, ``local``); ``xp``: numpy, or cupy when frames
+    and patches live on the GPU.
+    """
+
+    def __init__(self, manifest, engines: dict[str, Any], criterion: str, xp=np):
+        self.pre = manifest.preprocessing
+        self.engines = engines
+        self.criterion = criterion
+        self.xp = xp
+        self.family = FAMILIES[manifest.family](manifest)
+        self.stats = BatchStats()
+
+    def run(self, flights: Iterable[Any], slots: int = 1) -> Iterator[Any]:
+        """Yield each flight when it is done (in the order they finish), keeping ``slots`` in flight.
+
+        Items of ``flights`` that are not a :class:`Flight` (a caller's error rows) are yielded as soon as
+        they are taken, so with one slot everything comes out in input order. A typed error in a round's
+        engine call ends the flights of that round with ``reason`` "error" and the error attached.
+        """
+        start = time.perf_counter()
+        pending = iter(flights)
+        active: list[Flight] = []
+        exhausted = False
+        while True:
+            while len(active) < slots and not exhausted:
+                flight = next(pending, None)
+                if flight is None:
+                    exhausted = True
+                elif isinstance(flight, Flight):
+                    active.append(flight)
+                else:
+                    self.stats.failed += 1
+                    yield flight
+            if not active:
+                break
+            try:
+                self.round(active)
+            except AdaFocusError as exc:
+                for f in active:
+                    f.reason, f.error = "error", exc
+            for f in [f for f in active if f.reason]:
+                self.stats.videos += 1
+                yield f
+            active = [f for f in active if not f.reason]
+        self.stats.wall_s += time.perf_counter() - start
+
+    def round(self, flights: list[Flight]) -> None:
+        """One call per stage: the glance of new flights, the policy of those that go on, a focus step of
+        every flight past its policy (including the ones whose policy just ran). Each stage's wall time
+        (engine call and host work) is shared by the flights in it."""
+        for stage, key, step in (("global", "glance", self._glance), ("policy", "policy", self._policy),
+                                 ("local", "local", self._local)):
+            waiting = [f for f in flights if f.next_stage() == stage]
+            if not waiting:
+                continue
+            tick = time.perf_counter()
+            crop_ms = step(waiting) or 0.0
+            ms = (time.perf_counter() - tick) * 1e3 - crop_ms
+            for f in waiting:
+                f.timings_ms[key] += ms / len(waiting)
+                if crop_ms:
+                    f.timings_ms["crop"] += crop_ms / len(waiting)
+
+    # ------------------------------------------------------------------------------------------ stages
+    def _call(self, stage: str, feeds: dict[str, Any], flights: list[Flight]) -> dict[str, Any]:
+        tick = time.perf_counter()
+        out = self.engines[stage].run(feeds)
+        self.stats.calls[stage] += 1
+        self.stats.items[stage] += len(flights)
+        self.stats.engine_ms[stage] += (time.perf_counter() - tick) * 1e3
+        return out
+
+    def _exit(self, f: Flight, logits: np.ndarray) -> None:
+        """Record a step's logits and decide whether the flight stops here."""
+        f.logits.append(logits)
+        f.scores.append(float(confidence(logits, self.criterion)))
+        k = len(f.logits) - 1
+        if k >= self.family.steps:
+            f.reason = "last"
+        elif passes(f.budget.thresholds, k, f.scores[-1]):
+            f.reason = "confident"
+        elif f.budget.max_steps <= k:
+            f.reason = "budget"
+
+    def _glance(self, flights: list[Flight]) -> None:
+        xp = self.xp
+        frames = flights[0].source.glance()[None] if len(flights) == 1 else \
+            xp.stack([f.source.glance() for f in flights])
+        g = self._call("global", {"frames": frames}, flights)
+        logits = _host(g["logits"])
+        for i, f in enumerate(flights):
+            self._exit(f, logits[i])
+            if not f.reason:
+                f.glance_out = g if len(flights) == 1 else {"fmap": g["fmap"][i:i + 1], "vec": g["vec"][i:i + 1],
+                                                            "context": g["context"][i:i + 1]}
+
+    def _policy(self, flights: list[Flight]) -> None:
+        p, xp = self.pre, self.xp
+        if len(flights) == 1:
+            g = flights[0].glance_out
+            feeds = {"fmap": g["fmap"], "vec": g["vec"]}
+        else:
+            feeds = {k: _cat([f.glance_out[k] for f in flights], xp) for k in ("fmap", "vec")}
+        out = self._call("policy", feeds, flights)
+        actions, weights = _host(out["actions"]), _host(out["weights"])
+        positions = focus_positions(weights, p.candidates, p.num_focus, clamp=p.focus_clamp)
+        for i, f in enumerate(flights):
+            acts = actions[i]
+            f.positions = positions[i]
+            acts = acts[f.positions] if acts.shape[0] == p.candidates else np.repeat(acts, p.num_focus, 0)
+            f.boxes = crop_boxes(acts, p.frame_size, p.crop_min, p.crop_max)
+            f.context = f.glance_out["context"]
+            f.glance_out = None
+            self.family.start(f, xp)
+
+    def _local(self, flights: list[Flight]) -> float:
+        """A focus step of every flight in one local call; returns the crop time (ms)."""
+        feeds, crop_ms = self.family.feed(flights, self.xp)
+        self.stats.crop_ms += crop_ms
+        out = self._call("local", feeds, flights)
+        self.family.absorb(flights, out)
+        logits = _host(out["logits"])
+        for i, f in enumerate(flights):
+            self._exit(f, logits[i])
+        return crop_ms
+
+
+# ------------------------------------------------------------------------------------------ helpers
+_STEP_FEEDS: dict[int, np.ndarray] = {}
+
+
+def _step_feed(k: int) -> np.ndarray:
+    """The local stage's ``step`` input for step k (made once: it is fed every step of every video)."""
+    a = _STEP_FEEDS.get(k)
+    if a is None:
+        a = _STEP_FEEDS[k] = np.array([k], np.int64)
+        a.setflags(write=False)
+    return a
+
+
+def _cat(rows: list[Any], xp) -> Any:
+    """Concatenate per-video ``[1, ...]`` rows (host or device arrays) along the batch axis."""
+    if all(isinstance(r, np.ndarray) for r in rows):
+        return np.concatenate(rows)
+    return xp.concatenate([xp.asarray(r) for r in rows])
+
+
+def host(x: Any) -> np.ndarray:
+    """A numpy array of an engine output (numpy, cupy, OrtValue or torch)."""
+    if isinstance(x, np.ndarray):
+        return x
+    if hasattr(x, "get"):  # cupy
+        return x.get()
+    if hasattr(x, "numpy"):  # OrtValue / torch
+        try:
+            return x.numpy()
+        except TypeError:
+            return x.cpu().numpy()
+    return np.asarray(x)
+
+
+_host = host
