@@ -24,6 +24,8 @@ from typing import Any, Union
 
 from adafocus.errors import AdaFocusError
 
+INT_LIMIT = 2**63  # integers must fit int64
+
 
 class SchemaError(AdaFocusError):
     """A JSON record does not have the keys or types its dataclass declares."""
@@ -72,12 +74,18 @@ def check(value: Any, tp: Any, path: str) -> Any:
             return value
     elif tp is int:
         if isinstance(value, int) and not isinstance(value, bool):
+            if not -INT_LIMIT <= value < INT_LIMIT:  # numpy, torch and ONNX take int64 at most
+                raise SchemaError(f"{path} must be an integer below 2**63 in magnitude, found {describe(value)}")
             return value
     elif tp is float:
         if isinstance(value, (int, float)) and not isinstance(value, bool):
-            if not math.isfinite(value):
-                raise SchemaError(f"{path} must be a finite number, found {value!r}")
-            return float(value)
+            try:
+                number = float(value)
+            except OverflowError:  # an integer literal beyond the float range (1 followed by 400 zeros)
+                number = math.inf
+            if not math.isfinite(number):
+                raise SchemaError(f"{path} must be a finite number, found {describe(value)}")
+            return number
     elif tp is str:
         if isinstance(value, str):
             return value
@@ -130,6 +138,8 @@ def describe(value: Any) -> str:
     if isinstance(value, str):
         shown = value if len(value) <= 40 else value[:37] + "..."
         return f"the string {shown!r}"
+    if isinstance(value, int) and abs(value) >= 10**20:
+        return f"an integer of {len(str(abs(value)))} digits"
     if isinstance(value, (int, float)):
         return f"the number {value!r}"
     if isinstance(value, list):
