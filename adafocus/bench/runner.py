@@ -340,23 +340,20 @@ def open_pipeline(config: BenchConfig, engine: str, precision: str, main_precisi
 
 def open_dense(pipe, config: BenchConfig, engine: str, precision: str):
     """The dense baseline on ``engine``; raises _Skip with the reason when this engine has none."""
-    from adafocus.engines.registry import create_engine
+    from adafocus.runtime.engine_set import open_engines
 
     bundle = pipe.bundle
     if engine == "torch":
         if config.dense_checkpoint is None:
             raise _Skip("no dense baseline for the torch engine without --dense-checkpoint "
                         "(the adafocus train --dense checkpoint)")
-        from adafocus.export.dense import dense_engine
-
-        return dense_engine(config.dense_checkpoint, pipe.manifest, config.device, config.cuda_graphs,
-                            bundle=str(bundle.path))
+        return open_engines(bundle, "torch", config.device, stages=("dense",), checkpoint=config.dense_checkpoint,
+                            cuda_graphs=config.cuda_graphs)[1]["dense"]
     if not bundle.has_stage("dense"):
         raise _Skip("the bundle has no dense baseline (adafocus add-dense BUNDLE adds one)")
     if not engine.startswith("ort"):
         raise _Skip(f"no dense baseline for the {engine} engine (dense.onnx runs on the ort engines)")
-    options = {"threads": config.threads} if config.threads else {}
-    return create_engine(engine, str(bundle.stage_path("dense")), device=config.device, **options)
+    return open_engines(bundle, engine, config.device, stages=("dense",), threads=config.threads)[1]["dense"]
 
 
 def check_torch_checkpoints(config: BenchConfig, bundle) -> None:

@@ -208,13 +208,13 @@ def dense_reference(pipe, videos: Sequence[LabelledVideo], labels: np.ndarray, s
                     threads: int | None = None) -> DenseReference | None:
     """Top-1 of the bundle's ``dense.onnx`` (onnxruntime, CPU) on ``videos``; None without a dense stage or
     without labels. Same candidate frames and preprocessing as the adaptive model."""
-    from adafocus.engines.registry import create_engine
+    from adafocus.runtime.engine_set import open_engines
 
     bundle = pipe.bundle
     gflops = float(getattr(bundle.manifest.costs, "dense", 0.0) or 0.0)
     if not bundle.has_stage("dense") or not gflops or not len(videos) or (np.asarray(labels) < 0).any():
         return None
-    engine = create_engine("ort", str(bundle.stage_path("dense")), **({"threads": threads} if threads else {}))
+    engine = open_engines(bundle, "ort", "cpu", stages=("dense",), threads=threads)[1]["dense"]
     correct = 0
     try:
         for video, label in zip(videos, labels, strict=True):

@@ -238,21 +238,17 @@ def pipeline_with_files(bundle_dir: str | os.PathLike, files: dict[str, str | os
     """A CPU onnxruntime Pipeline of a bundle whose stages in ``files`` (stage -> ONNX path, anywhere) replace
     the bundle's own: how the gate runs INT8 graphs before they are part of the bundle."""
     from adafocus.bundle import load_bundle
-    from adafocus.engines.registry import create_engine
+    from adafocus.runtime.engine_set import close_engines, open_engines
     from adafocus.runtime.pipeline import Pipeline
 
     bundle = load_bundle(bundle_dir, verify=False)  # verified when the fp32 pipeline was made
-    options = {"threads": threads} if threads else {}
-    engines: dict[str, Any] = {}
+    name, engines = open_engines(bundle, "ort", "cpu", threads=threads,
+                                 files={stage: path for stage, path in files.items() if path})
     try:
-        for stage in ("global", "policy", "local"):
-            path = files.get(stage) or bundle.stage_path(stage)
-            engines[stage] = create_engine("ort", str(path), device="cpu", **options)
-    except Exception:
-        for e in engines.values():
-            e.close()
+        pipe = Pipeline(bundle, engines, name, "cpu", criterion)
+    except BaseException:
+        close_engines(engines)
         raise
-    pipe = Pipeline(bundle, engines, "ort", "cpu", criterion)
     pipe.precision = precision
     return pipe
 

@@ -169,12 +169,17 @@ def _rounded(d: dict) -> dict:
 
 
 # ------------------------------------------------------------------------------------------ engines
-def ort_engines(bundle_dir: str | Path, files: dict[str, str] | None = None) -> dict[str, Any]:
-    """One onnxruntime CPU engine (:mod:`adafocus.engines`) per stage file; close them when done."""
-    from adafocus.engines import create_engine
+def ort_engines(bundle: Bundle | str | Path, files: dict[str, str] | None = None) -> dict[str, Any]:
+    """One onnxruntime CPU engine per stage, opened by the runtime's engine factory
+    (:func:`adafocus.runtime.engine_set.open_engines`: real I/O checked against the manifest): the bundle's
+    global, policy and local files, or ``files`` (stage -> file, relative to the bundle). ``bundle``: a
+    :class:`Bundle` (its manifest may be one not written yet) or a bundle directory (checksums not verified).
+    Close them when done."""
+    from adafocus.runtime.engine_set import open_engines
 
-    files = files or {s: f"{s}.onnx" for s in STAGES}
-    return {stage: create_engine("ort", str(Path(bundle_dir) / name), device="cpu") for stage, name in files.items()}
+    if not isinstance(bundle, Bundle):
+        bundle = load_bundle(bundle, verify=False)
+    return open_engines(bundle, "ort", "cpu", stages=tuple(files) if files else STAGES, files=files)[1]
 
 
 # --------------------------------------------------------------------------------------------- stages
@@ -413,7 +418,7 @@ def verify_bundle(model: nn.Module, bundle_dir: str | Path, precision: str = "fp
     if precision not in TOLERANCES:
         raise ConfigError(f"precision must be one of {', '.join(TOLERANCES)}, not {precision!r}")
     bundle = Bundle(Path(bundle_dir), manifest) if manifest is not None else load_bundle(bundle_dir)
-    engines = ort_engines(bundle.path, {s: st.file for s, st in bundle.manifest.stages.items() if s in STAGES})
+    engines = ort_engines(bundle)
     try:
         report = VerificationReport(precision, TOLERANCES[precision])
         report.stages = check_stages(model, engines, precision, seed=seed + 1)

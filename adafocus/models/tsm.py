@@ -32,7 +32,7 @@ from adafocus.models.config import ModelConfig
 from adafocus.models.ops import crop_patches
 from adafocus.models.policy import SpatialPolicy, TemporalPolicy
 from adafocus.models.uniadafocus import Step
-from adafocus.runtime.exits import confidence
+from adafocus.runtime.exits import confidence, passes
 from adafocus.runtime.sampling import focus_positions
 
 
@@ -167,7 +167,7 @@ class UniAdaFocusTSM(nn.Module):
         fmap, vec, logits, context = self.glance(glance_frames.unsqueeze(0))
         step0 = self._step(0, logits, criterion)
         yield step0
-        if max_steps == 0 or _reaches(step0.score, thresholds, 0):
+        if max_steps == 0 or passes(thresholds, 0, step0.score):
             return
         actions, weights = self.policy(fmap, vec)
         pos, acts = self.select(actions, weights)
@@ -192,8 +192,3 @@ class UniAdaFocusTSM(nn.Module):
         pos, acts = self.select(actions, weights)
         logits1 = self._local_from_candidates(candidates, pos, acts, context)
         return torch.stack([logits0, logits1], dim=1)
-
-
-def _reaches(score: float, thresholds, k: int) -> bool:
-    return thresholds is not None and k < len(thresholds) and thresholds[k] is not None \
-        and score >= float(thresholds[k])

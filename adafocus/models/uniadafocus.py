@@ -28,7 +28,7 @@ from adafocus.models.classifier import PoolingClassifier
 from adafocus.models.config import ModelConfig
 from adafocus.models.ops import crop_patches, interpolate_actions
 from adafocus.models.policy import SpatialPolicy, TemporalPolicy
-from adafocus.runtime.exits import confidence
+from adafocus.runtime.exits import confidence, passes
 from adafocus.runtime.sampling import focus_positions, glance_positions
 
 
@@ -139,8 +139,7 @@ class UniAdaFocus(nn.Module):
     def _emit(self, k, logits, thresholds, criterion, position=None, action=None):
         arr = logits[0].detach().cpu().numpy()
         score = float(confidence(arr, criterion))
-        self._done = thresholds is not None and k < len(thresholds) and thresholds[k] is not None \
-            and score >= float(thresholds[k])
+        self._done = passes(thresholds, k, score)
         yield Step(k, arr, score, position, action)
 
     @torch.no_grad()
