@@ -84,15 +84,7 @@ def base_videos(folder: Path) -> dict[str, Path]:
 # Bugs found by this fuzzing in code this file's author may not change; each has a minimal reproducer below
 # marked xfail(strict=True) (it starts failing, as XPASS, once the bug is fixed: then delete its entry here).
 # A fuzz test that meets one records it as "KNOWN <id>" and ends as XFAIL naming it; any other bug fails.
-KNOWN_BUGS = [  # (id, target prefix, exception types, test on the adafocus frames of the traceback)
-    ("checkpoint-layout", "checkpoint.", {"KeyError", "TypeError", "AttributeError", "IndexError"},
-     lambda frames: frames[-1][0] == "models/checkpoint.py" and frames[-1][1] in {"load", "load_strict",
-                                                                                  "_infer_classes"}),
-    ("checkpoint-config-build", "checkpoint.", {"RuntimeError", "ValueError", "MemoryError"},
-     lambda frames: ("models/uniadafocus.py", "build_model") in frames),
-    ("checkpoint-config-validate", "checkpoint.", {"ZeroDivisionError"},
-     lambda frames: frames[-1] == ("models/config.py", "validate")),
-]
+KNOWN_BUGS: list = []  # (id, target prefix, exception types, test on the adafocus frames); none open today
 _FRAME = re.compile(r'File "[^"]*/adafocus/([\w/]+\.py)", line \d+, in (\w+)')
 
 
@@ -453,12 +445,12 @@ def test_fixed_manifest_bug(sandbox, case):
 
 
 def _checkpoint_bug(edits, error, reason, base="adafocus", target="checkpoint.load"):
-    bug_id = reason.split(":")[0]
-    return pytest.param({"base": base, "edits": edits, "ops": []}, target, error, bug_id, id=bug_id,
-                        marks=pytest.mark.xfail(strict=True, raises=AssertionError, reason=reason))
+    """A checkpoint bug fuzzing found (now fixed): ``error`` is what load raised before the fix."""
+    return pytest.param({"base": base, "edits": edits, "ops": []}, target, error, id=reason.split(":")[0],
+                        marks=())
 
 
-KNOWN_CHECKPOINT_BUGS = [
+FIXED_CHECKPOINT_BUGS = [
     _checkpoint_bug([("delete", ("config",))], "KeyError",
                     "checkpoint-layout: load() reads ckpt['config'] of an adafocus-format checkpoint unchecked"),
     _checkpoint_bug([("delete", ("state_dict",))], "KeyError",
@@ -481,15 +473,11 @@ KNOWN_CHECKPOINT_BUGS = [
 ]
 
 
-@pytest.mark.parametrize("case, target, error, bug_id", KNOWN_CHECKPOINT_BUGS)
-def test_known_checkpoint_bug(sandbox, case, target, error, bug_id):
-    """load must end in a model or a typed error; today it raises ``error`` (xfail strict: once fixed this
-    XPASSes, and fails: then delete the mark, and the KNOWN_BUGS entry when no reproducer needs it)."""
+@pytest.mark.parametrize("case, target, error", FIXED_CHECKPOINT_BUGS)
+def test_fixed_checkpoint_bug(sandbox, case, target, error):
+    """load ends in a model or a typed error (before the fix it raised ``error``)."""
     (target, outcome, detail), = [r for r in sandbox.call("checkpoint", case) if r[0] == target]
-    if outcome.startswith("BUG") and (outcome != f"BUG {error}" or known_bug(target, outcome, detail) != bug_id):
-        # a real failure, not the xfail: another error, or one KNOWN_BUGS does not recognise as this bug
-        pytest.fail(f"not the known bug {bug_id} ({error}) but {outcome}:\n{detail}")
-    assert not outcome.startswith("BUG"), f"{outcome}\n{detail}"
+    assert not outcome.startswith("BUG"), f"{outcome} (was {error})\n{detail}"
 
 
 # ------------------------------------------------------------------------------- the harness catches

@@ -86,6 +86,10 @@ def load(path: str | Path, preset: str | None = None, num_classes: int | None = 
     """
     ckpt = read(path)
     if ckpt.get("format") == FORMAT:
+        for key in ("config", "state_dict"):
+            if not isinstance(ckpt.get(key), dict):
+                raise CheckpointError(f"{path} is an adafocus checkpoint without a {key!r} dict (found "
+                                      f"{type(ckpt.get(key)).__name__}): it is damaged, re-save it")
         cfg = ModelConfig.from_dict(ckpt["config"])
         if preset is not None:
             _check_preset(cfg, ckpt.get("preset"), preset, path)
@@ -99,6 +103,16 @@ def load(path: str | Path, preset: str | None = None, num_classes: int | None = 
         n = num_classes or _infer_classes(state)
         cfg = preset_config(preset, n)
         where = f"preset {preset!r}"
+    bad = [str(k) for k, v in state.items() if not isinstance(v, torch.Tensor)]
+    if bad:
+        raise CheckpointError(f"{path}: state_dict entries that are not tensors: {', '.join(bad[:8])}")
+    try:  # shapes first, on the meta device: a config that does not fit the weights allocates nothing
+        with torch.device("meta"):
+            skeleton = build_model(cfg)
+    except (RuntimeError, ValueError, TypeError, ZeroDivisionError) as exc:
+        raise CheckpointError(f"{path}: its model config does not build a model ({type(exc).__name__}: "
+                              f"{' '.join(str(exc).split())[:200]})") from None
+    check_fit(skeleton, state, where)
     model = build_model(cfg)
     load_strict(model, state, where)
     return model.eval()
@@ -123,6 +137,13 @@ def official_state_dict(ckpt: dict) -> dict[str, torch.Tensor]:
 
 def load_strict(model: torch.nn.Module, state: dict[str, torch.Tensor], where: str) -> None:
     """load_state_dict(strict) with one readable block listing what does not fit."""
+    check_fit(model, state, where)
+    model.load_state_dict(state, strict=True)
+
+
+def check_fit(model: torch.nn.Module, state: dict[str, torch.Tensor], where: str) -> None:
+    """CheckpointError listing the missing, unexpected and shape-mismatched keys of ``state`` for ``model``
+    (which may live on the meta device)."""
     own = model.state_dict()
     missing = [k for k in own if k not in state]
     unexpected = [k for k in state if k not in own]
@@ -135,7 +156,6 @@ def load_strict(model: torch.nn.Module, state: dict[str, torch.Tensor], where: s
                 shown = ", ".join(keys[:8]) + (f", ... (+{len(keys) - 8} more)" if len(keys) > 8 else "")
                 lines.append(f"  {title} ({len(keys)}): {shown}")
         raise CheckpointError("\n".join(lines))
-    model.load_state_dict(state, strict=True)
 
 
 def weights_sha256(weights: torch.nn.Module | Mapping[str, torch.Tensor]) -> str:
@@ -236,6 +256,8 @@ def set_batchnorm_statistics(model: torch.nn.Module, seed: int = 0, batch: int =
 def _infer_classes(state: dict[str, torch.Tensor]) -> int:
     for key in CLASS_KEYS:
         if key in state:
+            if state[key].ndim == 0:
+                raise CheckpointError(f"checkpoint weight {key} is a scalar: cannot read the number of classes")
             return int(state[key].shape[0])
     raise CheckpointError("cannot infer the number of classes from the checkpoint; pass --num-classes")
 

@@ -65,7 +65,19 @@ class ModelConfig:
             errors.append(f"family must be one of {FAMILIES}, not {self.family!r}")
         if self.num_classes < 1:
             errors.append("num_classes must be >= 1")
-        if self.family == "base" and self.num_segments % self.num_glance:
+        small = [k for k in ("frame_size", "resize_size", "num_segments", "num_glance", "num_focus", "patch_size",
+                             "local_width", "stn_hidden_dim", "temporal_hidden_dim", "mlp_dim", "shift_div")
+                 if getattr(self, k) < 1]
+        if small:
+            errors.append(f"{', '.join(small)} must be >= 1")
+        if self.glance_last_channel is not None and self.glance_last_channel < 1:
+            errors.append("glance_last_channel must be >= 1 (or null)")
+        if not self.glance_width > 0:
+            errors.append("glance_width must be positive")
+        for k in ("dropout", "fc_dropout"):
+            if not 0 <= getattr(self, k) <= 1:
+                errors.append(f"{k} must lie in [0, 1]")
+        if self.family == "base" and self.num_glance >= 1 and self.num_segments % self.num_glance:
             errors.append("num_segments must be a multiple of num_glance")
         if self.num_focus > self.candidates:
             errors.append("num_focus cannot exceed the number of candidate frames")
