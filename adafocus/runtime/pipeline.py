@@ -22,7 +22,7 @@ import numpy as np
 
 from adafocus.bundle import Bundle, load_bundle
 from adafocus.device import parse_device, require_device
-from adafocus.errors import AdaFocusError, BundleError, ConfigError, EngineError, VideoError
+from adafocus.errors import AdaFocusError, ConfigError, VideoError
 from adafocus.runtime.budget import Budget, make_budget
 from adafocus.runtime.sampling import segment_indices
 from adafocus.runtime.scheduler import DeviceFrames, Flight, HostFrames, LazyHostFrames, StepScheduler, host
@@ -132,40 +132,12 @@ class Pipeline:
         ``manifest.precisions`` (e.g. ``int8`` from ``adafocus calibrate int8``; ONNX engines only).
         ``cuda_graphs``: the torch engine on cuda replays each stage as a CUDA graph (see TorchEngine).
         """
-        from adafocus.engines.registry import create_engine, resolve_engine
+        from adafocus.runtime.engine_set import open_engines
 
         device = str(require_device(device))  # parsed once, here: engines, crops and results see "cpu"/"cuda:N"
         bundle = load_bundle(path, verify=verify)
-        name = resolve_engine(engine, device)
-        files = _precision_files(bundle, precision, name)
-        engines: dict[str, Any] = {}
-        stages = ("global", "policy", "local")
-        try:
-            if name == "tensorrt":
-                record = _engine_record(bundle)
-                for stage in stages:
-                    engines[stage] = create_engine(
-                        name, str(bundle.file(record.files[stage])), device=device,
-                        expected_trt_version=record.tensorrt_version,
-                        expected_compute_capability=record.compute_capability)
-            elif name == "torch":
-                if checkpoint is None:
-                    raise EngineError("the torch engine needs the PyTorch checkpoint: pass checkpoint=PATH "
-                                      "(--checkpoint) of the model the bundle was exported from")
-                engines = _torch_stage_engines(checkpoint, bundle, device, cuda_graphs)
-            else:
-                options = {"threads": threads} if threads else {}
-                for stage in stages:
-                    engines[stage] = create_engine(name, str(files[stage]), device=device, **options)
-            for stage, eng in engines.items():  # the manifest is not checksummed: check it against the files
-                why = bundle.manifest.stages[stage].io_mismatch(eng.inputs, eng.outputs)
-                if why is not None:
-                    raise BundleError(f"bundle {bundle.path}: stage {stage} ({files[stage].name}) does not match "
-                                      f"its manifest record: {why}")
-        except Exception:
-            for e in engines.values():
-                e.close()
-            raise
+        name, engines = open_engines(bundle, engine, device, threads=threads, precision=precision,
+                                     checkpoint=checkpoint, cuda_graphs=cuda_graphs)
         pipe = cls(bundle, engines, name, device, criterion)
         pipe.precision = precision or bundle.manifest.precision
         return pipe
@@ -477,44 +449,3 @@ def _softmax(x: np.ndarray) -> np.ndarray:
     z = np.asarray(x, np.float64)
     z = np.exp(z - z.max(axis=-1, keepdims=True))
     return z / z.sum(axis=-1, keepdims=True)
-
-
-def _precision_files(bundle: Bundle, precision: str | None, engine: str) -> dict[str, Path]:
-    """Stage files of ``precision``: the bundle's own, or those recorded under ``manifest.precisions``."""
-    m = bundle.manifest
-    if precision is None or precision == m.precision:
-        return {stage: bundle.stage_path(stage) for stage in m.stages}
-    if precision not in m.precisions:
-        known = ", ".join([m.precision, *m.precisions])
-        hint = " (adafocus calibrate int8 BUNDLE --data DIR adds it)" if precision == "int8" else ""
-        raise BundleError(f"bundle {bundle.path} has no {precision} files (has: {known}){hint}")
-    if engine in ("tensorrt", "torch"):
-        raise EngineError(f"precision {precision} runs the bundle's {precision} ONNX files: use an ort engine, "
-                          f"not {engine}")
-    chosen = m.precisions[precision]
-    return {stage: bundle.file(chosen.get(stage, m.stages[stage].file)) for stage in m.stages}
-
-
-def _engine_record(bundle: Bundle):
-    if not bundle.manifest.engines:
-        raise BundleError(f"{bundle.path} has no TensorRT engines: run `adafocus build-engines {bundle.path}`")
-    return next(iter(bundle.manifest.engines.values()))
-
-
-def _torch_stage_engines(checkpoint, bundle: Bundle, device: str, cuda_graphs: bool = True) -> dict[str, Any]:
-    from adafocus.engines.registry import create_engine
-    from adafocus.export.stages import SIGNATURES, StageModule
-    from adafocus.models import load
-    from adafocus.models.checkpoint import check_source
-
-    model = load(checkpoint)
-    # the checkpoint must be the one the bundle was exported from (its weights digest, or for bundles without
-    # one its model config), before any stage is built: another model's weights would run without a word
-    m = bundle.manifest
-    check_source(model, checkpoint, m.source, m.config, str(bundle.path))
-    engines = {}
-    for stage in ("global", "policy", "local"):
-        ins, outs = SIGNATURES[(model.cfg.family, stage)]
-        engines[stage] = create_engine("torch", module=StageModule(model, stage), input_names=list(ins),
-                                       output_names=list(outs), device=device, cuda_graphs=cuda_graphs)
-    return engines
