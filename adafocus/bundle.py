@@ -7,7 +7,8 @@ Layout::
       manifest.json     this module's Manifest, as JSON
       global.onnx       glance frames -> feature maps, vectors, exit-0 logits, context
       policy.onnx       feature maps, vectors -> per-candidate box actions, temporal weights
-      local.onnx        patch(es) (+ classifier state) -> step logits (+ new state)
+      backbone.onnx     patches [B, 3, P, P] (TSM: clips [B, K, 3, P, P]) -> features, any B (a chunk of steps)
+      head.onnx         features (+ classifier state, context, step) -> step logits (+ new state)
       dense.onnx        optional: a dense baseline (not built by the exporter)
       *.engine          optional: TensorRT engines, one per stage, recorded under ``engines``
 
@@ -34,9 +35,9 @@ from adafocus.schema import SchemaError, read_record
 from adafocus.schema import describe as describe_value
 
 FORMAT = "adafocus-bundle"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: the local stage split into backbone (patches -> features) + head (one classifier step)
 MANIFEST_NAME = "manifest.json"
-STAGES = ("global", "policy", "local")  # every bundle has these, run in this order
+STAGES = ("global", "policy", "backbone", "head")  # every bundle has these, run in this order
 OPTIONAL_STAGES = ("dense",)  # a dense baseline may be added later; never required
 BATCH = "batch"  # the only symbolic dimension in any stage's inputs and outputs
 
@@ -260,8 +261,9 @@ class Manifest:
             raise BundleError(f"bundle format version {version} is newer than this adafocus supports "
                               f"({FORMAT_VERSION}): upgrade adafocus")
         if version < FORMAT_VERSION:
+            hint = " or split its local stage with `adafocus migrate BUNDLE` (exact)" if version == 1 else ""
             raise BundleError(f"bundle format version {version} is older than this adafocus supports "
-                              f"({FORMAT_VERSION}): re-export it with adafocus-export")
+                              f"({FORMAT_VERSION}): re-export it with adafocus-export{hint}")
         try:
             m = read_record(cls, d, "")
             check_manifest(m)
@@ -384,12 +386,12 @@ def _check_stage_io(m: Manifest) -> None:
 
     frames = [p.num_glance, 3, p.frame_size, p.frame_size]
     expect("global", "inputs", 0, slice(1, None), frames, "preprocessing (num_glance, 3, frame_size, frame_size)")
-    for stage in ("global", "local"):
+    for stage in ("global", "head"):
         logits = next((i for i, t in enumerate(m.stages[stage].outputs) if t.name == "logits"), None)
         if logits is None:
             raise SchemaError(f"stages.{stage}.outputs has no 'logits' tensor")
         expect(stage, "outputs", logits, slice(-1, None), [classes], "the number of labels")
-    expect("local", "inputs", 0, slice(-3, None), [3, p.patch_size, p.patch_size],
+    expect("backbone", "inputs", 0, slice(-3, None), [3, p.patch_size, p.patch_size],
            "preprocessing (3, patch_size, patch_size)")
 
 

@@ -168,7 +168,7 @@ def export_cmd(
     no_simplify: bool = typer.Option(False, "--no-simplify", help="Skip the onnxslim pass."),
     videos: int = typer.Option(4, "--videos", help="Random videos in the end-to-end check."),
 ):
-    """Export a checkpoint as a verified bundle: global.onnx, policy.onnx, local.onnx + manifest.json."""
+    """Export a checkpoint as a verified bundle: global, policy, backbone, head .onnx + manifest.json."""
     from adafocus.export.exporter import export_bundle
 
     export_bundle(model, out, preset=preset, precision=precision, opset=opset, tensorrt=tensorrt,
@@ -200,6 +200,16 @@ def inspect_cmd(
                 typer.echo(check_readiness(b.stage_path(stage)).format())
         except (ImportError, MissingDependency) as exc:
             typer.echo(f"readiness  not checked: {exc}")
+
+
+@app.command("migrate")
+def migrate_cmd(
+    bundle: Path = typer.Argument(..., help="Format-1 bundle directory (local.onnx), rewritten in place."),
+):
+    """Split a format-1 bundle's local.onnx into backbone.onnx + head.onnx (format 2), checked to be exact."""
+    from adafocus.export.migrate import migrate_bundle
+
+    migrate_bundle(bundle, log=typer.echo)
 
 
 @app.command("build-engines")
@@ -294,7 +304,7 @@ def calibrate_thresholds_cmd(
 
 @calibrate_app.command("int8")
 def calibrate_int8_cmd(
-    bundle: Path = typer.Argument(..., help="fp32 bundle directory (gets global.int8.onnx, local.int8.onnx)."),
+    bundle: Path = typer.Argument(..., help="fp32 bundle directory (gets global.int8.onnx, backbone.int8.onnx)."),
     data: Path = typer.Option(..., "--data", help="Labelled data: <split>.csv files (video,label)."),
     max_drop: float = typer.Option(1.0, "--max-drop", help="Top-1 percentage points INT8 may lose at any "
                                    "operating point; more fails the command and leaves the bundle as it was."),
@@ -304,7 +314,7 @@ def calibrate_int8_cmd(
     heldout_split: str = typer.Option("test", "--heldout-split", help="Split of the accuracy gate."),
     max_heldout: int = typer.Option(None, "--max-heldout", help="At most this many held-out videos."),
     method: str = typer.Option("minmax", "--method", help="Activation ranges: minmax, entropy or percentile."),
-    stages: str = typer.Option("global,local", "--stages", help="Encoders to quantize (the others stay fp32)."),
+    stages: str = typer.Option("global,backbone", "--stages", help="Encoders to quantize (the others stay fp32)."),
     activations: str = typer.Option("int8", "--activations", help="int8: signed symmetric, for TensorRT "
                                     "(precision 'int8'); uint8: onnxruntime's faster x86 CPU kernels, not "
                                     "for TensorRT (precision 'int8-u8')."),
@@ -377,6 +387,7 @@ def bench_cmd(
     no_dense: bool = typer.Option(False, "--no-dense", help="Skip the dense baseline."),
     dense_checkpoint: Path = typer.Option(None, "--dense-checkpoint", help="Dense baseline checkpoint "
                                           "(adafocus train --dense): the torch engine's dense row."),
+    chunk: str = typer.Option("auto", "--chunk", help="Focus steps per backbone call: N or auto."),
     no_cuda_graphs: bool = typer.Option(False, "--no-cuda-graphs", help="torch engine on cuda: run eager PyTorch "
                                         "instead of replaying CUDA graphs."),
     max_videos: int = typer.Option(None, "--max-videos", help="Use at most this many videos."),
@@ -400,7 +411,8 @@ def bench_cmd(
     names = [n.strip() for e in (engine or []) for n in e.split(",") if n.strip()] or None
     plan = [b.strip() for b in budgets.split(",") if b.strip()]
     config = BenchConfig(model or _default_bundle(), paths, truth, names, device, plan, batch, warmup, repeats,
-                         threads, checkpoint, not no_dense, dense_checkpoint, cuda_graphs=not no_cuda_graphs)
+                         threads, checkpoint, not no_dense, dense_checkpoint, cuda_graphs=not no_cuda_graphs,
+                         chunk=chunk)
     report = run_benchmark(config, log=lambda s: typer.echo(s, err=True))
     print_report(report)
     out = save_json(report, json_out or Path(default_name(report)))
@@ -434,6 +446,8 @@ def run_cmd(
     checkpoint: Path = typer.Option(None, "--checkpoint", help="PyTorch checkpoint (for --engine torch)."),
     batch: int = typer.Option(1, "--batch", help="Videos in flight at once, their engine calls batched per stage "
                               "(results then come in the order videos finish)."),
+    chunk: str = typer.Option("auto", "--chunk", help="Focus steps per backbone call: N, or auto (1 on the CPU, "
+                              "all steps on a GPU); a hard --budget cuts a chunk to the steps that fit."),
 ):
     """Run videos through a bundle: glance, policy, patches, early exit under the budget."""
     from adafocus.runtime.pipeline import Pipeline, expand_videos
@@ -441,7 +455,7 @@ def run_cmd(
     bundle = model or _default_bundle()
     paths = expand_videos(videos) if videos else _default_videos()  # VideoError for a dir or glob with no video
     with Pipeline.from_bundle(bundle, engine=engine, device=device, threads=threads,
-                              checkpoint=checkpoint) as pipe:
+                              checkpoint=checkpoint, chunk=chunk) as pipe:
         plan = pipe.budget(budget, average)  # a malformed or too small budget fails here, before any video
         pipe.keep_decoded = save_vis is not None
         if not as_json:

@@ -104,7 +104,7 @@ def throughput_table(report: dict[str, Any]):
         return None
     table = Table(box=None, title="throughput: videos/s (decode overlapped, videos batched per engine call)",
                   title_justify="left")
-    for col in ("engine", "precision", "model", "batch", "videos/s", "videos per local call", "videos"):
+    for col in ("engine", "precision", "model", "batch", "videos/s", "videos per head call", "videos"):
         table.add_column(col, justify="left" if col in ("engine", "precision", "model") else "right")
     for t in rows:
         model = _model_name(t)

@@ -15,8 +15,8 @@ What is measured, per video (milliseconds; percentiles over videos x repeats):
 
 - ``decode`` (sampled frames, OpenCV), ``preprocess`` (resize, crop, normalise), ``upload`` (GPU only),
   ``crop`` (patch crops) come from the pipeline's own timers;
-- ``glance``, ``policy``, ``local`` are the engines' own timers (the wall time of their ``run`` calls), read as
-  differences of ``Engine.total_ms`` around the video; ``local_step`` = ``local`` / local calls;
+- ``glance``, ``policy``, ``local`` (backbone + head) are the engines' own timers (the wall time of their ``run``
+  calls), read as differences of ``Engine.total_ms`` around the video; ``local_step`` = ``local`` / head calls;
 - ``overhead`` (orchestration) = total - decode - preprocess - upload - engines - crop: the Python between
   the engines (focus-frame choice, boxes, exit checks, result assembly);
 - ``total`` (end to end, with decode) and ``model`` = total - decode (what differs between the adaptive model
@@ -43,7 +43,7 @@ import numpy as np
 from adafocus.device import require_device
 from adafocus.errors import AdaFocusError
 
-ENGINE_STAGES = ("global", "policy", "local")
+ENGINE_STAGES = ("global", "policy", "backbone", "head")
 STAGE_ORDER = ("decode", "preprocess", "upload", "glance", "policy", "crop", "local", "local_step", "dense",
                "overhead", "model", "total")
 DEFAULT_ENGINES = {"cpu": ("ort", "torch"), "cuda": ("ort-cuda", "ort-tensorrt", "tensorrt", "torch")}
@@ -76,6 +76,7 @@ class BenchConfig:
     dense_checkpoint: str | Path | None = None  # dense baseline checkpoint: the torch engine's dense row
     cuda_graphs: bool = True  # the torch engine on cuda replays CUDA graphs (False: eager PyTorch)
     decode_workers: int | None = None  # throughput mode's decode threads (None: a quarter of the CPUs, 1..8)
+    chunk: int | str | None = None  # focus steps per backbone call (None/'auto': the runtime's choice)
 
     def workers(self) -> int:
         """Decode threads of the throughput mode: on a small CPU, more threads only steal the engines' cores."""
@@ -247,14 +248,15 @@ def time_adafocus(pipe, path: str, budget) -> tuple[dict[str, float], Any]:
     after = [(e.total_ms, e.calls) for e in engines]
     t = res.timings_ms
     eng = {s: a[0] - b[0] for s, a, b in zip(ENGINE_STAGES, after, before, strict=True)}
-    local_calls = after[2][1] - before[2][1]
+    steps = after[3][1] - before[3][1]  # head calls: one per focus step
     sample = {
         "decode": t.get("decode", 0.0), "preprocess": t.get("preprocess", 0.0), "upload": t.get("upload", 0.0),
-        "glance": eng["global"], "policy": eng["policy"], "crop": t.get("crop", 0.0), "local": eng["local"],
+        "glance": eng["global"], "policy": eng["policy"], "crop": t.get("crop", 0.0),
+        "local": eng["backbone"] + eng["head"],
         "total": t["total"],
     }
-    if local_calls:
-        sample["local_step"] = eng["local"] / local_calls
+    if steps:
+        sample["local_step"] = sample["local"] / steps
     sample["overhead"] = max(0.0, sample["total"] - sample["decode"] - sample["preprocess"] - sample["upload"]
                              - sum(eng.values()) - sample["crop"])
     sample["model"] = sample["total"] - sample["decode"]
@@ -327,7 +329,8 @@ def open_pipeline(config: BenchConfig, engine: str, precision: str, main_precisi
     """A pipeline of ``engine`` at ``precision`` (the bundle's own, or an extra one where supported)."""
     from adafocus.runtime.pipeline import Pipeline
 
-    kwargs: dict[str, Any] = {"engine": engine, "device": config.device, "threads": config.threads}
+    kwargs: dict[str, Any] = {"engine": engine, "device": config.device, "threads": config.threads,
+                              "chunk": config.chunk}
     if engine == "torch":
         kwargs["checkpoint"] = config.checkpoint
         kwargs["cuda_graphs"] = config.cuda_graphs
@@ -673,7 +676,7 @@ def _throughput(config: BenchConfig, engine: str, precision: str, pipe, dense_en
                                      videos_per_s=round(done / wall, 3), mean_batch=round(runner.stats.mean_batch(), 3),
                                      batch_stats=runner.stats.to_dict()))
             say(f"  batch {size:<3} adafocus @ {text:<6} {done / wall:8.2f} videos/s "
-                f"(mean {runner.stats.mean_batch():.2f} videos per local call)")
+                f"(mean {runner.stats.mean_batch():.2f} videos per head call)")
         if dense_engine is not None:
             workers = config.workers()
             for _ in dense_batched(dense_engine, pipe, config.videos[:size], size, workers):

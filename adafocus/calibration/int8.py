@@ -3,24 +3,24 @@
 ``calibrate_int8(bundle, data)``:
 
 1. runs the fp32 bundle on ``calib_videos`` videos of the calibration split and records what the global and
-   local engines are fed (glance frames; patches with the classifier state, context and step);
-2. quantizes ``global.onnx`` and ``local.onnx`` with onnxruntime's static quantizer: QDQ format, signed
+   backbone engines are fed (glance frames; patches);
+2. quantizes ``global.onnx`` and ``backbone.onnx`` with onnxruntime's static quantizer: QDQ format, signed
    INT8 symmetric activations (what TensorRT's strongly typed Q/DQ networks take; UINT8 would be flagged
    by ``adafocus.export.readiness``), per-channel symmetric INT8 weights, float biases. Only convolutions
-   are quantized: the policy (its own file) and the classifier heads (Gemm/MatMul/Gather) stay float,
+   are quantized: the policy (its own file), the classifier step (head.onnx) and the glance classifier stay float,
    because INT8 compresses exactly the confidences that the exit thresholds read;
 3. runs fp32 and INT8 on the same held-out videos and compares them (:class:`~adafocus.calibration.report.
    GateReport`): top-1 of both, agreement of predictions, of exit steps and of patch locations, average
    GFLOPs, stage times;
 4. when the top-1 drop is within ``max_drop`` points at every operating point, writes ``global.int8.onnx``
-   and ``local.int8.onnx`` into the bundle and records them under ``manifest.precisions['int8']``.
+   and ``backbone.int8.onnx`` into the bundle and records them under ``manifest.precisions['int8']``.
    Otherwise (or on any error) the bundle is left exactly as it was.
 
 Signed INT8 activations are what TensorRT takes, but onnxruntime's x86 CPU kernels are fast for unsigned
 activations (u8 x s8) and slow for signed ones: measured on the development CPU, a ResNet-50 local stage
 at 128 px ran 1.1x faster than fp32 with int8 activations and 1.8x with uint8, and the MobileNetV2 glance
 ran 0.6x (slower) and 1.0x. ``activations='uint8'`` therefore writes a separate CPU precision ``int8-u8``
-(``*.int8-u8.onnx``); ``stages`` picks the encoders to quantize (e.g. only ``local`` on CPUs).
+(``*.int8-u8.onnx``); ``stages`` picks the encoders to quantize (e.g. only ``backbone`` on CPUs).
 
 NVIDIA ModelOpt is not used here (it is not installed in the reference environment); its Q/DQ graphs would
 slot in at step 2.
@@ -45,7 +45,7 @@ from adafocus.calibration.collect import collect, collect_many, load_labelled
 from adafocus.calibration.report import GateReport, compare_caches
 from adafocus.errors import AdaFocusError, BundleError, require
 
-QUANTIZED_STAGES = ("global", "local")
+QUANTIZED_STAGES = ("global", "backbone")
 METHODS = ("minmax", "entropy", "percentile")
 ACTIVATIONS = ("int8", "uint8")
 HEAD_NAME_HINTS = ("classifier", "mlp", "fc", "head")  # module names of the heads (a Conv head stays float too)
@@ -69,7 +69,7 @@ class Int8Options:
     max_drop: float = 1.0  # percentage points of top-1 the INT8 bundle may lose at any operating point
     threads: int | None = None  # onnxruntime intra-op threads per engine
     criterion: str | None = None  # exit criterion (default: the bundle's)
-    # when the gate fails with several encoders, try each alone (local first: the glance feeds the policy
+    # when the gate fails with several encoders, try each alone (backbone first: the glance feeds the policy
     # and the glance exit, so it is the one most often kept in float) and keep the first that passes
     fallback: bool = True
 
@@ -134,7 +134,7 @@ class _Recorder:
 def record_stage_inputs(pipe, videos: Sequence, stages: Sequence[str] = QUANTIZED_STAGES,
                         progress=None) -> dict[str, list[dict[str, np.ndarray]]]:
     """What each stage in ``stages`` is fed while ``pipe`` runs every step of every video (fp32 decisions:
-    the glance frames, and every patch with the local stage's state, context and step)."""
+    the glance frames, and every patch the backbone takes)."""
     feeds: dict[str, list[dict[str, np.ndarray]]] = {s: [] for s in stages}
     saved = dict(pipe.engines)
     try:
@@ -259,7 +259,7 @@ def calibrate_int8(bundle_dir: str | os.PathLike, data: str | os.PathLike, optio
     """Quantize a bundle's encoders to INT8 and gate them against fp32 (see the module docstring).
 
     When the gate fails with several encoders and ``options.fallback`` is on, each encoder is tried alone
-    (local, then global), and the first that passes is written: the result says which stages were kept in
+    (backbone, then global), and the first that passes is written: the result says which stages were kept in
     float (``result.stages``, ``result.attempts``). Returns the :class:`Int8Result`; ``result.written`` is
     False when every try failed (the bundle unchanged; the report is the first try's). User errors (bad data,
     unknown labels, a bundle that is not fp32) raise before anything is written.
@@ -271,7 +271,7 @@ def calibrate_int8(bundle_dir: str | os.PathLike, data: str | os.PathLike, optio
     say = log or (lambda _line: None)
     tries = [tuple(opts.stages)]
     if opts.fallback and len(opts.stages) > 1:
-        tries += [(stage,) for stage in ("local", "global") if stage in opts.stages]
+        tries += [(stage,) for stage in ("backbone", "global") if stage in opts.stages]
     attempts: list[dict] = []
     first = None
     for stages in tries:
@@ -320,8 +320,11 @@ def _calibrate_once(bundle_dir: str | os.PathLike, data: str | os.PathLike, opts
             src = fp32.bundle.stage_path(stage)
             tmp_files[stage] = tmp_dir / int8_name(src.name, opts.precision)
             # the module's name quantize_stage, looked up here on every call: tests replace it to force the gate
+            # the backbone is exactly the local encoder (the classifier is head.onnx); the glance stage also
+            # holds its classifier, whose nodes are found by module name and kept float
+            exclude = [] if stage == "backbone" else None
             quantized[stage] = quantize_stage(src, tmp_files[stage], feeds[stage], opts.method, opts.op_types,
-                                              activations=opts.activations)
+                                              exclude=exclude, activations=opts.activations)
             seconds[f"quantize_{stage}"] = time.perf_counter() - t
             say(f"quantize   {stage:<6} {quantized[stage]} {'/'.join(opts.op_types)} nodes -> {opts.activations} Q/DQ "
                 f"({opts.method}, {seconds[f'quantize_{stage}']:.1f}s, "

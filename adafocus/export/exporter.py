@@ -180,7 +180,8 @@ def _export_stages(net: nn.Module, tmp: Path, out: Path, preset: str | None, pre
                                f"GFLOPs"))
     stages = build_stages(net, precision)
     inputs = example_inputs(net, TRACE_BATCH)
-    gflops = {"global": flops.glance, "policy": flops.policy, "local": flops.step}
+    backbone = flops.parts["local encoder (per patch)"] * cfg.patches_per_step  # one call at batch 1
+    gflops = {"global": flops.glance, "policy": flops.policy, "backbone": backbone, "head": flops.step - backbone}
     infos: dict[str, StageInfo] = {}
     simplified = False
     for name in STAGES:

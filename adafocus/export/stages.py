@@ -1,6 +1,6 @@
 """The exported stages as nn.Modules with named inputs and outputs, for both model families.
 
-Each stage is one method of the reference model (``glance``, ``policy``, ``local``) wrapped so that:
+Each stage is one method of the reference model (``glance``, ``policy``, ``backbone``, ``head``) wrapped so that:
 
 - its inputs and outputs have the names the runtime feeds and reads (:data:`SIGNATURES`);
 - with ``dtype=torch.float16`` the weights are half, the float inputs are cast to half on entry and the
@@ -22,16 +22,18 @@ import torch.nn as nn
 
 from adafocus.errors import ConfigError
 
-STAGE_METHODS = {"global": "glance", "policy": "policy", "local": "local"}
+STAGE_METHODS = {"global": "glance", "policy": "policy", "backbone": "backbone", "head": "head"}
 
 # (family, stage) -> (input names, output names); order = the method's arguments and return values
 SIGNATURES: dict[tuple[str, str], tuple[tuple[str, ...], tuple[str, ...]]] = {
     ("base", "global"): (("frames",), ("fmap", "vec", "logits", "context")),
     ("base", "policy"): (("fmap", "vec"), ("actions", "weights")),
-    ("base", "local"): (("patch", "state", "context", "step"), ("logits", "new_state")),
+    ("base", "backbone"): (("patch",), ("features",)),
+    ("base", "head"): (("features", "state", "context", "step"), ("logits", "new_state")),
     ("tsm", "global"): (("frames",), ("fmap", "vec", "logits", "context")),
     ("tsm", "policy"): (("fmap", "vec"), ("actions", "weights")),
-    ("tsm", "local"): (("patches", "context"), ("logits",)),
+    ("tsm", "backbone"): (("patches",), ("features",)),
+    ("tsm", "head"): (("features", "context"), ("logits",)),
 }
 
 
@@ -58,7 +60,7 @@ class StageModule(nn.Module):
 
 
 def build_stages(model: nn.Module, precision: str = "fp32") -> dict[str, StageModule]:
-    """The three stages of ``model`` (eval). fp16 wraps a half-precision copy; ``model`` is left untouched."""
+    """The four stages of ``model`` (eval). fp16 wraps a half-precision copy; ``model`` is left untouched."""
     if precision not in ("fp32", "fp16"):
         raise ConfigError(f"precision must be fp32 or fp16, not {precision!r}")
     model.eval()
@@ -86,9 +88,13 @@ def example_inputs(model: nn.Module, batch: int, seed: int = 0) -> dict[str, tup
         step = torch.arange(batch, dtype=torch.long) % cfg.num_focus
         warm = model.local(torch.randn(batch, 3, p, p, generator=g), model.initial_state(batch), context,
                            torch.zeros(batch, dtype=torch.long))[1]
-        out["local"] = (torch.randn(batch, 3, p, p, generator=g), warm, context, step)
+        patch = torch.randn(batch, 3, p, p, generator=g)
+        out["backbone"] = (patch,)
+        out["head"] = (model.backbone(patch), warm, context, step)
     else:
-        out["local"] = (torch.randn(batch, cfg.num_focus, 3, p, p, generator=g), context)
+        patches = torch.randn(batch, cfg.num_focus, 3, p, p, generator=g)
+        out["backbone"] = (patches,)
+        out["head"] = (model.backbone(patches), context)
     return out
 
 

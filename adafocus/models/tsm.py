@@ -128,10 +128,19 @@ class UniAdaFocusTSM(nn.Module):
         """-> actions ``[B, 1, 4]`` (one box per video), temporal weights ``[B, Tg]``."""
         return self.spatial_policy(fmap), self.temporal_policy(vec)
 
+    def backbone(self, patches: torch.Tensor) -> torch.Tensor:
+        """The local encoder on a clip: all K patches ``[B, K, 3, P, P]`` (the shift mixes them) -> feature
+        vectors ``[B, K, Cl]``."""
+        b, k = patches.shape[:2]
+        return self.local_CNN.base_model.get_featvec(patches.flatten(0, 1)).view(b, k, -1)
+
+    def head(self, features: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
+        """Clip features ``[B, K, Cl]`` + glance context -> final logits ``[B, C]``."""
+        return self.local_CNN.heads(features.flatten(0, 1))[0] + context
+
     def local(self, patches: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
         """All K patches ``[B, K, 3, P, P]`` (the shift mixes them) + glance context -> final logits ``[B, C]``."""
-        vec = self.local_CNN.base_model.get_featvec(patches.flatten(0, 1))
-        return self.local_CNN.heads(vec)[0] + context
+        return self.head(self.backbone(patches), context)
 
     # ------------------------------------------------------------------------------ host-side helpers
     def select(self, actions: torch.Tensor, weights: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:

@@ -90,9 +90,19 @@ class UniAdaFocus(nn.Module):
         actions = interpolate_actions(self.spatial_policy(fmap), self.cfg.candidates)
         return actions, self.temporal_policy(vec)
 
+    def backbone(self, patch: torch.Tensor) -> torch.Tensor:
+        """The local encoder: patches ``[B, 3, P, P]`` (any B: one video's chunk of steps, or many videos')
+        -> feature vectors ``[B, Cl]``."""
+        return self.local_CNN.get_featvec(patch)
+
+    def head(self, features: torch.Tensor, state: torch.Tensor, context: torch.Tensor, step: torch.Tensor):
+        """One classifier step: features ``[B, Cl]``, running-max ``state`` ``[B, D]``, glance ``context``,
+        0-based ``step`` ``[B]`` -> logits ``[B, C]``, new state ``[B, D]``."""
+        return self.classifier.local_step(features, state, context, step)
+
     def local(self, patch: torch.Tensor, state: torch.Tensor, context: torch.Tensor, step: torch.Tensor):
         """One focus step: patch ``[B, 3, P, P]`` -> logits ``[B, C]``, new running-max state ``[B, D]``."""
-        return self.classifier.local_step(self.local_CNN.get_featvec(patch), state, context, step)
+        return self.head(self.backbone(patch), state, context, step)
 
     def initial_state(self, batch: int) -> torch.Tensor:
         return torch.zeros(batch, self.classifier.mlp_dim)

@@ -53,12 +53,14 @@ class VideoResult:
     confidence: float  # the exit criterion's score at the exit step
     frames_used: list[int]  # video frame numbers the model saw (glance + focus frames)
     patches: list[Patch]
-    gflops: float
+    gflops: float  # what was computed (a chunk may run past the exit step)
     budget_gflops: float
     engine: str
     timings_ms: dict[str, float]
     steps: list[dict[str, Any]] = field(default_factory=list)  # per exit: step, label, score, confidence
     focus_positions: list[int] = field(default_factory=list)  # candidates the policy chose (all K; [] at exit 0)
+    gflops_exit: float = 0.0  # the cost up to the exit step (= gflops without chunking)
+    chunk: int = 1  # focus steps per backbone call
     decoded: Any = field(default=None, repr=False, compare=False)  # the DecodedVideo, kept for --save-vis
 
     def to_dict(self) -> dict:
@@ -99,6 +101,7 @@ class Pipeline:
         self.exits = list(bundle.manifest.costs.exits)
         self.dense = float(getattr(bundle.manifest.costs, "dense", 0.0) or 0.0) or None
         self.keep_decoded = False  # attach the decoded frames to results (for --save-vis)
+        self.chunk = 1  # focus steps per backbone call (see ``chunk_size``)
         self._on_gpu = self.device != "cpu"
         if self._on_gpu:
             from adafocus.runtime.crop import get_cropper
@@ -121,7 +124,7 @@ class Pipeline:
     def from_bundle(cls, path: str | os.PathLike, engine: str = "auto", device: str = "cpu",
                     threads: int | None = None, criterion: str | None = None, verify: bool = True,
                     checkpoint: str | os.PathLike | None = None, precision: str | None = None,
-                    cuda_graphs: bool = True) -> Pipeline:
+                    cuda_graphs: bool = True, chunk: int | str | None = None) -> Pipeline:
         """Load a bundle (checksums verified) and create one engine per stage.
 
         ``engine``: ``auto`` or a registered name (``ort``, ``ort-cuda``, ``ort-tensorrt``, ``tensorrt``,
@@ -131,6 +134,7 @@ class Pipeline:
         ``precision``: the stage files to run, the bundle's own (None) or one recorded under
         ``manifest.precisions`` (e.g. ``int8`` from ``adafocus calibrate int8``; ONNX engines only).
         ``cuda_graphs``: the torch engine on cuda replays each stage as a CUDA graph (see TorchEngine).
+        ``chunk``: focus steps per backbone call, or ``auto`` (see :meth:`set_chunk`).
         """
         from adafocus.runtime.engine_set import open_engines
 
@@ -140,6 +144,7 @@ class Pipeline:
                                      checkpoint=checkpoint, cuda_graphs=cuda_graphs)
         pipe = cls(bundle, engines, name, device, criterion)
         pipe.precision = precision or bundle.manifest.precision
+        pipe.set_chunk(chunk)
         return pipe
 
     def close(self) -> None:
@@ -230,7 +235,7 @@ class Pipeline:
         Base family: the glance frames are ``preprocessing.glance_positions`` of the candidates.
         """
         source, t = self.frame_source(frames, glance_frames)
-        flight = Flight(None, source, budget or self.budget(None))
+        flight = Flight(None, source, budget or self.budget(None), chunk=self.chunk)
         flight.timings_ms.update(t)
         (done,) = list(self.scheduler().run([flight]))
         return _trace(done)
@@ -323,7 +328,7 @@ class Pipeline:
             glance_frames, candidates = None, frames
         pre_ms = (time.perf_counter() - tick) * 1e3 + getattr(decoded, "preprocess_ms", 0.0)
         source, t = self.frame_source(candidates, glance_frames)
-        flight = Flight(str(decoded.path), source, budget,
+        flight = Flight(str(decoded.path), source, budget, chunk=self.chunk,
                         meta=_Meta(decoded, decode_ms, background_ms, start, pre_ms))
         flight.timings_ms.update(t)
         return flight
@@ -363,10 +368,35 @@ class Pipeline:
             video=str(decoded.path), label=names[int(order[0])], score=float(prob[order[0]]),
             topk=[(names[int(i)], float(prob[i])) for i in order], exit_step=trace.exit_step,
             exit_reason=trace.exit_reason, confidence=trace.scores[-1], frames_used=used, patches=patches,
-            gflops=float(self.exits[trace.exit_step]), budget_gflops=float(flight.budget.gflops),
+            gflops=self.computed_gflops(flight), budget_gflops=float(flight.budget.gflops),
             engine=self.engine_name, timings_ms={k: round(v, 3) for k, v in timings.items()}, steps=steps,
             focus_positions=[int(x) for x in trace.positions] if trace.exit_step else [],
+            gflops_exit=float(self.exits[trace.exit_step]), chunk=flight.chunk,
             decoded=decoded if self.keep_decoded else None)
+
+    def computed_gflops(self, flight: Flight) -> float:
+        """GFLOPs a finished flight computed: the cost up to its exit, plus the backbone calls of steps a
+        chunk ran past the exit."""
+        wasted = flight.computed - flight.steps
+        backbone = self.manifest.stages["backbone"].gflops
+        return float(self.exits[flight.steps] + max(0, wasted) * backbone)
+
+    def set_chunk(self, chunk: int | str | None) -> int:
+        """Focus steps per backbone call: a number (cut to the steps a video has left), or ``auto``/None: 1
+        on the CPU, where a batched call costs about what its single calls do, and every step at once on a
+        GPU, where the calls, not the FLOPs, bound the time (not measured here: no GPU). Returns it."""
+        steps = len(self.exits) - 1
+        if chunk is None or (isinstance(chunk, str) and chunk.strip().lower() == "auto"):
+            value = 1 if not self._on_gpu else steps
+        else:
+            try:
+                value = int(chunk)
+            except (TypeError, ValueError):
+                raise ConfigError(f"chunk must be a number of focus steps or 'auto', got {chunk!r}") from None
+            if value < 1:
+                raise ConfigError(f"chunk must be >= 1, got {value}")
+        self.chunk = max(1, min(value, steps))
+        return self.chunk
 
     def _source_boxes(self, boxes: np.ndarray, decoded) -> np.ndarray:
         """(y0, x0, h, w) boxes ``[n, 4]`` in the model's crop -> (x0, y0, x1, y1) in the decoded video's

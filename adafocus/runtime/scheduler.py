@@ -31,7 +31,7 @@ from adafocus.runtime.crop import crop_planned, plan_crop
 from adafocus.runtime.exits import confidence, passes
 from adafocus.runtime.sampling import crop_boxes, focus_positions
 
-STAGES = ("global", "policy", "local")
+STAGES = ("global", "policy", "backbone", "head")
 
 
 # ------------------------------------------------------------------------------------------ sources
@@ -123,6 +123,9 @@ class Flight:
     positions: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64))
     boxes: np.ndarray = field(default_factory=lambda: np.zeros((0, 4), np.float32))
     glance_out: dict[str, Any] | None = None  # this video's rows of the glance outputs, until the policy ran
+    pending: list[Any] = field(default_factory=list)  # backbone features of steps computed, not yet headed
+    computed: int = 0  # backbone calls' worth of steps run (>= steps taken when a chunk ran past the exit)
+    chunk: int = 1  # steps per backbone call
     context: Any = None
     state: Any = None  # the base family's running classifier state [1, D]
     reason: str = ""  # "confident", "budget", "last" once done; "error" when an engine call failed
@@ -146,30 +149,35 @@ class Flight:
 
 # ------------------------------------------------------------------------------------------ families
 class BaseFamily:
-    """K focus steps of one patch each; the classifier's running state goes from step to step."""
+    """K focus steps of one patch each; the classifier's running state goes from step to step.
+
+    The backbone takes any number of patches, so a chunk of a video's next steps (and the chunks of every
+    video in flight) goes through it in one call; the head then runs step by step on the features."""
+
+    patch_input = "patch"
 
     def __init__(self, manifest):
         self.pre = manifest.preprocessing
         self.steps = len(manifest.costs.exits) - 1
-        self.state_dim = int(manifest.stages["local"].inputs[1].shape[1])
+        self.state_dim = int(manifest.stages["head"].inputs[1].shape[1])
 
     def start(self, flight: Flight, xp) -> None:
         flight.state = xp.zeros((1, self.state_dim), np.float32)
         flight.source.prepare(flight.boxes, self.pre)
 
-    def feed(self, flights: list[Flight], xp) -> tuple[dict[str, Any], float]:
-        """The local stage's feed for the next step of every flight, and the crop time (ms)."""
-        tick = time.perf_counter()
-        patches = [f.source.patch(f.steps, int(f.positions[f.steps]), f.boxes, self.pre) for f in flights]
-        crop_ms = (time.perf_counter() - tick) * 1e3
+    def patches(self, f: Flight, n: int, xp) -> Any:
+        """The patches of the flight's next ``n`` steps ``[n, 3, P, P]``."""
+        k0 = f.steps
+        rows = [f.source.patch(k, int(f.positions[k]), f.boxes, self.pre) for k in range(k0, k0 + n)]
+        return rows[0] if n == 1 else xp.concatenate(rows)
+
+    def head_feed(self, flights: list[Flight], features: list[Any], xp) -> dict[str, Any]:
         if len(flights) == 1:
             f = flights[0]
-            return {"patch": patches[0], "state": f.state, "context": f.context, "step": _step_feed(f.steps)}, \
-                crop_ms
-        feeds = {"patch": xp.concatenate(patches), "state": _cat([f.state for f in flights], xp),
-                 "context": _cat([f.context for f in flights], xp),
-                 "step": np.array([f.steps for f in flights], np.int64)}
-        return feeds, crop_ms
+            return {"features": features[0], "state": f.state, "context": f.context, "step": _step_feed(f.steps)}
+        return {"features": _cat(features, xp), "state": _cat([f.state for f in flights], xp),
+                "context": _cat([f.context for f in flights], xp),
+                "step": np.array([f.steps for f in flights], np.int64)}
 
     def absorb(self, flights: list[Flight], out: dict[str, Any]) -> None:
         new_state = out["new_state"]
@@ -178,7 +186,9 @@ class BaseFamily:
 
 
 class TsmFamily:
-    """One focus step that takes all K patches (one box per video)."""
+    """One focus step that takes all K patches (one box per video): the backbone sees the clip."""
+
+    patch_input = "patches"
 
     def __init__(self, manifest):
         self.pre = manifest.preprocessing
@@ -187,11 +197,11 @@ class TsmFamily:
     def start(self, flight: Flight, xp) -> None:
         pass
 
-    def feed(self, flights: list[Flight], xp) -> tuple[dict[str, Any], float]:
-        tick = time.perf_counter()
-        patches = [f.source.patches(f.positions, f.boxes, self.pre) for f in flights]
-        crop_ms = (time.perf_counter() - tick) * 1e3
-        return {"patches": xp.stack(patches), "context": _cat([f.context for f in flights], xp)}, crop_ms
+    def patches(self, f: Flight, n: int, xp) -> Any:
+        return f.source.patches(f.positions, f.boxes, self.pre)[None]  # [1, K, 3, P, P]
+
+    def head_feed(self, flights: list[Flight], features: list[Any], xp) -> dict[str, Any]:
+        return {"features": _cat(features, xp), "context": _cat([f.context for f in flights], xp)}
 
     def absorb(self, flights: list[Flight], out: dict[str, Any]) -> None:
         pass
@@ -213,7 +223,7 @@ class BatchStats:
     crop_ms: float = 0.0
     wall_s: float = 0.0
 
-    def mean_batch(self, stage: str = "local") -> float:
+    def mean_batch(self, stage: str = "head") -> float:
         """Mean number of videos per call of ``stage``."""
         return self.items[stage] / self.calls[stage] if self.calls[stage] else 0.0
 
@@ -244,8 +254,8 @@ class StepScheduler:
         """Yield each flight when it is done (in the order they finish), keeping ``slots`` in flight.
 
         Items of ``flights`` that are not a :class:`Flight` (a caller's error rows) are yielded as soon as
-        they are taken, so with one slot everything comes out in input order. A typed error in a round's
-        engine call ends the flights of that round with ``reason`` "error" and the error attached.
+        they are taken, so with one slot everything comes out in input order. A typed error in a stage's
+        engine call ends the flights of that call with ``reason`` "error" and the error attached.
         """
         start = time.perf_counter()
         pending = iter(flights)
@@ -263,11 +273,7 @@ class StepScheduler:
                     yield flight
             if not active:
                 break
-            try:
-                self.round(active)
-            except AdaFocusError as exc:
-                for f in active:
-                    f.reason, f.error = "error", exc
+            self.round(active)
             for f in [f for f in active if f.reason]:
                 self.stats.videos += 1
                 yield f
@@ -279,12 +285,18 @@ class StepScheduler:
         every flight past its policy (including the ones whose policy just ran). Each stage's wall time
         (engine call and host work) is shared by the flights in it."""
         for stage, key, step in (("global", "glance", self._glance), ("policy", "policy", self._policy),
-                                 ("local", "local", self._local)):
+                                 ("local", "local", self._local)):  # "local": backbone + head
             waiting = [f for f in flights if f.next_stage() == stage]
             if not waiting:
                 continue
             tick = time.perf_counter()
-            crop_ms = step(waiting) or 0.0
+            try:
+                crop_ms = step(waiting) or 0.0
+            except AdaFocusError as exc:  # this stage's call failed: its videos end with the error
+                for f in waiting:
+                    if not f.reason:
+                        f.reason, f.error = "error", exc
+                continue
             ms = (time.perf_counter() - tick) * 1e3 - crop_ms
             for f in waiting:
                 f.timings_ms[key] += ms / len(waiting)
@@ -344,16 +356,45 @@ class StepScheduler:
             self.family.start(f, xp)
 
     def _local(self, flights: list[Flight]) -> float:
-        """A focus step of every flight in one local call; returns the crop time (ms)."""
-        feeds, crop_ms = self.family.feed(flights, self.xp)
-        self.stats.crop_ms += crop_ms
-        out = self._call("local", feeds, flights)
-        self.family.absorb(flights, out)
-        logits = _host(out["logits"])
-        for i, f in enumerate(flights):
-            self._exit(f, logits[i])
+        """Focus steps: one backbone call for the next chunk of every flight without pending features,
+        then head calls, one step of every flight with features at a time, until those are used up or the
+        flights exit (features of steps after an exit were computed, and are charged, but not used).
+        Returns the crop time (ms)."""
+        fam, xp = self.family, self.xp
+        need = [f for f in flights if not f.pending]
+        crop_ms = 0.0
+        if need:
+            tick = time.perf_counter()
+            sizes = [self._chunk(f) for f in need]
+            rows = [fam.patches(f, n, xp) for f, n in zip(need, sizes, strict=True)]
+            crop_ms = (time.perf_counter() - tick) * 1e3
+            self.stats.crop_ms += crop_ms
+            patches = rows[0] if len(rows) == 1 else xp.concatenate(rows)
+            features = self._call("backbone", {fam.patch_input: patches}, need)["features"]
+            start = 0
+            for f, n in zip(need, sizes, strict=True):
+                f.pending = [features[i:i + 1] for i in range(start, start + n)]
+                f.computed += n
+                start += n
+        going = [f for f in flights if f.pending and not f.reason]
+        while going:
+            feeds = fam.head_feed(going, [f.pending.pop(0) for f in going], xp)
+            out = self._call("head", feeds, going)
+            fam.absorb(going, out)
+            logits = _host(out["logits"])
+            for i, f in enumerate(going):
+                self._exit(f, logits[i])
+            going = [f for f in going if f.pending and not f.reason]
+        for f in flights:
+            if f.reason:
+                f.pending = []
         return crop_ms
 
+    def _chunk(self, f: Flight) -> int:
+        """Steps in the flight's next backbone call: its chunk, cut to the steps left and to those that fit
+        under its hard cap (a hard budget charges what is computed)."""
+        left = min(self.family.steps, f.budget.max_steps) - f.steps
+        return max(1, min(f.chunk, left))
 
 # ------------------------------------------------------------------------------------------ helpers
 _STEP_FEEDS: dict[int, np.ndarray] = {}
