@@ -50,7 +50,7 @@ def open_engines(bundle: Bundle | str | os.PathLike, engine: str = "auto", devic
     Every engine's inputs and outputs are checked against the stage's manifest record (BundleError naming
     the stage, the file and the difference). On any failure, the engines opened so far are closed.
     """
-    from adafocus.engines.registry import create_engine, resolve_engine
+    from adafocus.engines.registry import resolve_engine
 
     device = str(require_device(device))  # canonical: "cpu" or "cuda:N"
     if not isinstance(bundle, Bundle):
@@ -61,45 +61,17 @@ def open_engines(bundle: Bundle | str | os.PathLike, engine: str = "auto", devic
     if torch_dense and len(stages) > 1:
         raise EngineError("the torch engine builds the dense stage from the dense baseline's checkpoint and the "
                           "other stages from the model's: open the dense stage on its own")
-    paths = {} if torch_dense else _precision_files(bundle, precision, name, stages)
-    if files:
-        if name in ("tensorrt", "torch"):
-            raise EngineError(f"files= replaces ONNX stage files: use an ort engine, not {name}")
-        unknown = [s for s in files if s not in stages]
-        if unknown:
-            raise EngineError(f"files= names stages that are not opened: {', '.join(unknown)} "
-                              f"(opened: {', '.join(stages)})")
-        paths.update({stage: bundle.path / Path(f) for stage, f in files.items()})
+    paths = {} if torch_dense else _stage_paths(bundle, precision, name, stages, files)
     engines: dict[str, Engine] = {}
     opened: dict[str, str] = {}  # stage -> what it was built from, for messages
     try:
         if name == "tensorrt":
-            record = _engine_record(bundle)
-            for stage in stages:
-                if stage not in record.files:
-                    raise BundleError(f"bundle {bundle.path} has no TensorRT engine for stage {stage} "
-                                      f"(the engines have: {', '.join(record.files)})")
-                path = bundle.file(record.files[stage])
-                opened[stage] = path.name
-                engines[stage] = create_engine(
-                    name, str(path), device=device, expected_trt_version=record.tensorrt_version,
-                    expected_compute_capability=record.compute_capability)
+            _open_tensorrt(bundle, stages, device, engines, opened)
         elif name == "torch":
-            if checkpoint is None:
-                if torch_dense:
-                    raise EngineError("the torch engine's dense stage needs the dense baseline's checkpoint: pass "
-                                      "checkpoint=PATH (--dense-checkpoint, the adafocus train --dense checkpoint)")
-                raise EngineError("the torch engine needs the PyTorch checkpoint: pass checkpoint=PATH "
-                                  "(--checkpoint) of the model the bundle was exported from")
-            opened = {stage: f"torch, from {Path(checkpoint).name}" for stage in stages}
-            if torch_dense:
-                from adafocus.export.dense import dense_engine
-
-                engines[DENSE] = dense_engine(checkpoint, bundle.manifest, device, cuda_graphs,
-                                              bundle=str(bundle.path))
-            else:
-                _torch_stage_engines(checkpoint, bundle, device, cuda_graphs, stages, engines)
+            _open_torch(bundle, stages, device, checkpoint, cuda_graphs, torch_dense, engines, opened)
         else:
+            from adafocus.engines.registry import create_engine
+
             options = {"threads": threads} if threads else {}
             for stage in stages:
                 opened[stage] = paths[stage].name
@@ -111,6 +83,53 @@ def open_engines(bundle: Bundle | str | os.PathLike, engine: str = "auto", devic
                 e.close()
         raise
     return name, engines
+
+
+def _stage_paths(bundle: Bundle, precision: str | None, name: str, stages: tuple[str, ...],
+                 files: Mapping[str, str | os.PathLike] | None) -> dict[str, Path]:
+    """The ONNX file of each stage: the precision's, with ``files`` overrides (ONNX engines only)."""
+    paths = _precision_files(bundle, precision, name, stages)
+    if files:
+        if name in ("tensorrt", "torch"):
+            raise EngineError(f"files= replaces ONNX stage files: use an ort engine, not {name}")
+        unknown = [s for s in files if s not in stages]
+        if unknown:
+            raise EngineError(f"files= names stages that are not opened: {', '.join(unknown)} "
+                              f"(opened: {', '.join(stages)})")
+        paths.update({stage: bundle.path / Path(f) for stage, f in files.items()})
+    return paths
+
+
+def _open_tensorrt(bundle: Bundle, stages: tuple[str, ...], device: str, engines: dict, opened: dict) -> None:
+    from adafocus.engines.registry import create_engine
+
+    record = _engine_record(bundle)
+    for stage in stages:
+        if stage not in record.files:
+            raise BundleError(f"bundle {bundle.path} has no TensorRT engine for stage {stage} "
+                              f"(the engines have: {', '.join(record.files)})")
+        path = bundle.file(record.files[stage])
+        opened[stage] = path.name
+        engines[stage] = create_engine(
+            "tensorrt", str(path), device=device, expected_trt_version=record.tensorrt_version,
+            expected_compute_capability=record.compute_capability)
+
+
+def _open_torch(bundle: Bundle, stages: tuple[str, ...], device: str, checkpoint, cuda_graphs: bool,
+                torch_dense: bool, engines: dict, opened: dict) -> None:
+    if checkpoint is None:
+        if torch_dense:
+            raise EngineError("the torch engine's dense stage needs the dense baseline's checkpoint: pass "
+                              "checkpoint=PATH (--dense-checkpoint, the adafocus train --dense checkpoint)")
+        raise EngineError("the torch engine needs the PyTorch checkpoint: pass checkpoint=PATH "
+                          "(--checkpoint) of the model the bundle was exported from")
+    opened.update({stage: f"torch, from {Path(checkpoint).name}" for stage in stages})
+    if torch_dense:
+        from adafocus.export.dense import dense_engine
+
+        engines[DENSE] = dense_engine(checkpoint, bundle.manifest, device, cuda_graphs, bundle=str(bundle.path))
+    else:
+        _torch_stage_engines(checkpoint, bundle, device, cuda_graphs, stages, engines)
 
 
 def check_io(bundle: Bundle, engines: Mapping[str, Engine], opened: Mapping[str, str] | None = None) -> None:
