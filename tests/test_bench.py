@@ -80,7 +80,7 @@ def test_add_dense_records_the_dense_stage(bundle):
     assert m.verification["dense"]["random_init"] is True and m.verification["dense"]["max_rel"] < 1e-4
     assert budget_gflops(m, "50%") == pytest.approx(0.5 * dense.gflops)
     with Pipeline.from_bundle(bundle) as pipe:  # the optional stage does not disturb the runtime
-        assert set(pipe.engines) == {"global", "policy", "local"}
+        assert set(pipe.engines) == {"global", "policy", "backbone", "head"}
         assert pipe.budget("50%").gflops == pytest.approx(0.5 * dense.gflops)
 
 
@@ -365,10 +365,10 @@ def test_every_precision_of_the_bundle_gets_rows(bundle, clips, tmp_path):
 
     copy = tmp_path / "bundle"
     shutil.copytree(bundle, copy)
-    for stage in ("global", "local"):
+    for stage in ("global", "backbone"):
         shutil.copy(copy / f"{stage}.onnx", copy / f"{stage}.int8.onnx")
     update_manifest(copy, lambda m: m.precisions.update(int8={"global": "global.int8.onnx",
-                                                              "local": "local.int8.onnx"}))
+                                                              "backbone": "backbone.int8.onnx"}))
     report = run_benchmark(BenchConfig(copy, clips[:1], engines=["ort"], budgets=["full"], warmup_s=0, repeats=1,
                                        threads=1), log=None)
     rows = [(r["precision"], r["model"], r["status"]) for r in report["results"]]

@@ -69,11 +69,11 @@ def _one_line(exc: pytest.ExceptionInfo) -> str:
 
 
 # ------------------------------------------------------------------------------------------ the factory
-def test_opens_the_three_stages(tiny):
+def test_opens_the_four_stages(tiny):
     bundle = load_bundle(tiny["bundle"])
     name, engines = open_engines(bundle, "auto", "cpu", threads=1)
     try:
-        assert name == "ort" and tuple(engines) == STAGES
+        assert name == "ort" and tuple(engines) == STAGES == ("global", "policy", "backbone", "head")
         for stage, eng in engines.items():
             assert eng.is_active
             assert eng.input_names == [t.name for t in bundle.manifest.stages[stage].inputs]
@@ -172,29 +172,29 @@ def test_failure_in_the_second_stage_closes_the_first(tiny, tmp_path, created):
 def test_missing_file_closes_what_was_opened(tiny, created):
     bundle = load_bundle(tiny["bundle"])
     with pytest.raises(EngineError):
-        open_engines(bundle, "ort", threads=1, files={"local": "no-such-local.onnx"})
-    assert len(created) == 2 and not any(e.is_active for e in created)
+        open_engines(bundle, "ort", threads=1, files={"head": "no-such-head.onnx"})
+    assert len(created) == 3 and not any(e.is_active for e in created)
     with pytest.raises(EngineError, match="stages that are not opened"):
-        open_engines(bundle, "ort", stages=("global",), files={"local": "local.onnx"})
+        open_engines(bundle, "ort", stages=("global",), files={"backbone": "backbone.onnx"})
 
 
 def test_files_replace_stage_files(tiny, tmp_path):
     moved = tmp_path / "elsewhere.onnx"
-    shutil.copy(tiny["bundle"] / "local.onnx", moved)
-    _, engines = open_engines(load_bundle(tiny["bundle"]), "ort", stages=("local",), files={"local": moved})
-    engines["local"].close()
+    shutil.copy(tiny["bundle"] / "backbone.onnx", moved)
+    _, engines = open_engines(load_bundle(tiny["bundle"]), "ort", stages=("backbone",), files={"backbone": moved})
+    engines["backbone"].close()
     with pytest.raises(EngineError, match="use an ort engine"):
-        open_engines(tiny["bundle"], "torch", files={"local": moved}, checkpoint=tiny["ckpt"])
+        open_engines(tiny["bundle"], "torch", files={"backbone": moved}, checkpoint=tiny["ckpt"])
 
 
 def test_io_that_differs_from_the_manifest_closes_everything(tiny, created):
     bundle = load_bundle(tiny["bundle"])
-    bundle.manifest.stages["local"].outputs[0].name = "renamed"
+    bundle.manifest.stages["head"].outputs[0].name = "renamed"
     with pytest.raises(BundleError) as exc:
         open_engines(bundle, "ort", threads=1)
     text = _one_line(exc)
-    assert "stage local (local.onnx) does not match its manifest record" in text and "'renamed'" in text
-    assert len(created) == 3 and not any(e.is_active for e in created)
+    assert "stage head (head.onnx) does not match its manifest record" in text and "'renamed'" in text
+    assert len(created) == 4 and not any(e.is_active for e in created)
 
 
 # ------------------------------------------------------------------------------------------ the exit rule

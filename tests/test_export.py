@@ -65,8 +65,8 @@ def test_tiny_export_writes_a_verified_bundle(tiny_ckpt, tiny_export):
     result, lines = tiny_export
     assert result.path == tiny_ckpt.with_name("tiny_bundle")
     assert result.report is not None and result.report.passed
-    assert sorted(p.name for p in result.path.iterdir()) == ["global.onnx", "local.onnx", "manifest.json",
-                                                             "policy.onnx"]
+    assert sorted(p.name for p in result.path.iterdir()) == ["backbone.onnx", "global.onnx", "head.onnx",
+                                                             "manifest.json", "policy.onnx"]
     assert not [p for p in result.path.parent.iterdir() if p.name.startswith(".")]  # no temp dir left
     m = load_bundle(result.path).manifest  # checksums verified
     assert (m.preset, m.family, m.precision, m.opset) == ("tiny", "base", "fp32", 17)
@@ -74,33 +74,37 @@ def test_tiny_export_writes_a_verified_bundle(tiny_ckpt, tiny_export):
     assert m.exit.criterion == "max_logit" and m.exit.thresholds == {} and m.engines == {}
     assert m.training == {"kind": "random-init", "seed": 0}
     assert len(m.costs.exits) == 9 and m.costs.exits[0] == m.costs.glance
-    assert m.stages["global"].gflops == m.costs.glance and m.stages["local"].gflops == m.costs.step
+    assert m.stages["global"].gflops == m.costs.glance
+    backbone, head = m.stages["backbone"], m.stages["head"]
+    assert backbone.gflops > head.gflops > 0 and backbone.gflops + head.gflops == pytest.approx(m.costs.step)
     assert m.preprocessing.glance_positions == [1, 3, 5, 7, 9, 11, 13, 15]
-    assert set(m.files) == {"global.onnx", "policy.onnx", "local.onnx"}
+    assert set(m.files) == {"global.onnx", "policy.onnx", "backbone.onnx", "head.onnx"}
     assert m.verification["passed"] and len(m.verification["videos"]) == 4
     # named I/O, batch the only symbolic dimension
-    local = m.stages["local"]
-    assert [t.name for t in local.inputs] == ["patch", "state", "context", "step"]
-    assert [t.name for t in local.outputs] == ["logits", "new_state"]
-    assert local.inputs[0].shape == ["batch", 3, 64, 64] and local.inputs[3].dtype == "int64"
+    assert [t.name for t in backbone.inputs] == ["patch"] and [t.name for t in backbone.outputs] == ["features"]
+    assert [t.name for t in head.inputs] == ["features", "state", "context", "step"]
+    assert [t.name for t in head.outputs] == ["logits", "new_state"]
+    assert backbone.inputs[0].shape == ["batch", 3, 64, 64] and head.inputs[3].dtype == "int64"
+    assert head.inputs[0].shape == backbone.outputs[0].shape
     for st in m.stages.values():
         for t in st.inputs + st.outputs:
             assert t.shape[0] == "batch" and all(isinstance(d, int) for d in t.shape[1:])
     # one line per step: name, seconds, path, size
-    assert any(ln.startswith("export local") and "local.onnx" in ln and "MB" in ln for ln in lines)
+    for stage in ("backbone", "head"):
+        assert any(ln.startswith(f"export {stage}") and f"{stage}.onnx" in ln and "MB" in ln for ln in lines)
     assert lines[-1].startswith("bundle") and str(result.path) in lines[-1]
 
 
 def test_graphs_pass_the_tensorrt_readiness_check(tiny_export):
     readiness = pytest.importorskip("adafocus.export.readiness")
     bundle = load_bundle(tiny_export[0].path)
-    for stage in ("global", "policy", "local"):
+    for stage in ("global", "policy", "backbone", "head"):
         report = readiness.check_readiness(bundle.stage_path(stage))
         assert report.ok, report.format()
 
 
 def test_no_control_flow_or_crop_inside_the_engines(tiny_export):
-    for stage in ("global", "policy", "local"):
+    for stage in ("global", "policy", "backbone", "head"):
         ops = {n.op_type for n in onnx.load(str(tiny_export[0].path / f"{stage}.onnx")).graph.node}
         assert not ops & {"If", "Loop", "Scan", "GridSample"}, (stage, ops)
 
@@ -110,7 +114,8 @@ def test_each_stage_matches_pytorch(tiny_model, tiny_export):
     checks = check_stages(tiny_model, ort_engines(tiny_export[0].path), "fp32", batch=3)
     assert {(c.stage, c.output) for c in checks} == {
         ("global", "fmap"), ("global", "vec"), ("global", "logits"), ("global", "context"),
-        ("policy", "actions"), ("policy", "weights"), ("local", "logits"), ("local", "new_state")}
+        ("policy", "actions"), ("policy", "weights"), ("backbone", "features"), ("head", "logits"),
+        ("head", "new_state")}
     for c in checks:
         assert c.ok and c.max_rel < 1e-4 and c.ref_max > 1e-2, c  # O(1) values, matched to 1e-4
 
@@ -118,7 +123,8 @@ def test_each_stage_matches_pytorch(tiny_model, tiny_export):
 def test_stage_check_catches_other_weights(tiny_ckpt, tiny_export):
     other = set_batchnorm_statistics(load(tiny_ckpt), seed=1)  # same weights, other BatchNorm statistics
     report = verify_bundle(other, tiny_export[0].path, "fp32", videos=0)
-    assert not report.passed and {c.stage for c in report.stages if not c.ok} == {"global", "policy", "local"}
+    assert not report.passed and {c.stage for c in report.stages if not c.ok} == {"global", "policy", "backbone",
+                                                                                  "head"}
 
 
 def test_end_to_end_decisions_match(tiny_model, tiny_export):
@@ -139,12 +145,12 @@ def test_end_to_end_check_catches_a_runtime_bug(tiny_model, tiny_export):
 
     class ForgetsState:  # a runtime bug: the classifier state is not carried from step to step
         def run(self, feeds):
-            return engines["local"].run({**feeds, "state": np.zeros_like(feeds["state"])})
+            return engines["head"].run({**feeds, "state": np.zeros_like(feeds["state"])})
 
     bundle = load_bundle(tiny_export[0].path)
     tol = tiny_export[0].report.video_tolerance
     good, _ = check_videos(tiny_model, Pipeline(bundle, engines, "ort"), "fp32", count=4, tol=tol)
-    bad, _ = check_videos(tiny_model, Pipeline(bundle, {**engines, "local": ForgetsState()}, "ort"), "fp32",
+    bad, _ = check_videos(tiny_model, Pipeline(bundle, {**engines, "head": ForgetsState()}, "ort"), "fp32",
                           count=4, tol=tol)
     assert all(c.ok for c in good) and not all(c.ok for c in bad)
 
@@ -157,7 +163,7 @@ def test_fp16_export(tiny_ckpt, tmp_path):
     assert m.precision == "fp16"
     for st in m.stages.values():  # the runtime still feeds and reads float32
         assert {t.dtype for t in st.inputs + st.outputs} <= {"float32", "int64"}
-    weights = [i for i in onnx.load(str(result.path / "local.onnx")).graph.initializer if len(i.dims) == 4]
+    weights = [i for i in onnx.load(str(result.path / "backbone.onnx")).graph.initializer if len(i.dims) == 4]
     assert weights and all(i.data_type == onnx.TensorProto.FLOAT16 for i in weights)
     # fp16 bounds follow PyTorch's own fp16 drift of these weights; every output reports it
     assert all(c.drift is not None and c.max_abs <= c.bound for c in result.report.stages)
@@ -170,8 +176,10 @@ def test_tsm_family_exports(tmp_path):
     assert result.report.passed, result.report.format()
     m = load_bundle(result.path).manifest
     assert m.family == "tsm" and m.preprocessing.glance_positions is None and not m.preprocessing.focus_clamp
-    assert [t.name for t in m.stages["local"].inputs] == ["patches", "context"]  # no state: one step
-    assert m.stages["local"].inputs[0].shape == ["batch", 8, 3, 32, 32]
+    assert [t.name for t in m.stages["backbone"].inputs] == ["patches"]
+    assert [t.name for t in m.stages["head"].inputs] == ["features", "context"]  # no state: one step
+    assert m.stages["backbone"].inputs[0].shape == ["batch", 8, 3, 32, 32]
+    assert m.stages["head"].inputs[0].shape == m.stages["backbone"].outputs[0].shape
     assert m.stages["policy"].outputs[0].shape == ["batch", 1, 4]
     assert len(m.costs.exits) == 2
 
@@ -252,7 +260,8 @@ def test_adafocus_export_entry_point_runs_in_a_subprocess(tiny_export):
 def test_inspect_prints_summary_and_readiness(tiny_export, capsys):
     code, out, _ = _cli(main, ["inspect", tiny_export[0].path], capsys)
     assert code == 0
-    for word in ("preset tiny", "local.onnx", "GFLOPs", "patch: float32[batch, 3, 64, 64]", "verified   passed"):
+    for word in ("preset tiny", "backbone.onnx", "head.onnx", "GFLOPs", "patch: float32[batch, 3, 64, 64]",
+                 "verified   passed"):
         assert word in out, out
     assert "readiness" in out.lower()
     code, out, _ = _cli(main, ["inspect", tiny_export[0].path, "--json"], capsys)
@@ -294,7 +303,7 @@ def test_build_engines_bookkeeping_with_a_stand_in_builder(tiny_export, tmp_path
 
     def fake_build(onnx_path, engine_path, **kwargs):
         calls.append((Path(onnx_path).name, kwargs))
-        if Path(onnx_path).name == "local.onnx" and len(calls) == 3 and kwargs.get("workspace_mb") == 1:
+        if Path(onnx_path).name == "head.onnx" and len(calls) == 4 and kwargs.get("workspace_mb") == 1:
             raise BundleError("builder failed")  # stands in for an out-of-memory build
         Path(engine_path).write_bytes(b"engine of " + Path(onnx_path).name.encode())
         return TrtBuildInfo(str(engine_path), str(onnx_path), "10.3.0", "8.7", "Orin", kwargs["fp16"], False,
@@ -309,15 +318,17 @@ def test_build_engines_bookkeeping_with_a_stand_in_builder(tiny_export, tmp_path
     with pytest.raises(BundleError, match="builder failed"):
         build_engines(bundle, workspace_mb=1, log=None)
     assert (bundle / "manifest.json").read_bytes() == before
-    assert sorted(p.name for p in bundle.iterdir()) == ["global.onnx", "local.onnx", "manifest.json", "policy.onnx"]
+    assert sorted(p.name for p in bundle.iterdir()) == ["backbone.onnx", "global.onnx", "head.onnx", "manifest.json",
+                                                        "policy.onnx"]
 
     m = build_engines(bundle, batch=(1, 2, 4), log=None)
     key = "trt10.3.0.sm87.fp32"
     rec = m.engines[key]
-    assert rec.files == {s: f"{s}.{key}.engine" for s in ("global", "policy", "local")}
+    assert rec.files == {s: f"{s}.{key}.engine" for s in ("global", "policy", "backbone", "head")}
     assert (rec.tensorrt_version, rec.compute_capability, rec.batch) == ("10.3.0", "8.7", {"min": 1, "opt": 2,
                                                                                            "max": 4})
-    assert rec.extra["local"]["engine_path"] == f"local.{key}.engine"  # relative, not the temp path
+    for stage in ("backbone", "head"):  # relative, not the temp path
+        assert rec.extra[stage]["engine_path"] == f"{stage}.{key}.engine"
     assert calls[-1][1]["profiles"] == (1, 2, 4) and calls[-1][1]["fp16"] is False
     loaded = load_bundle(bundle)  # engine files are covered by the checksums
     assert set(loaded.manifest.files) >= set(rec.files.values())
@@ -336,7 +347,7 @@ def test_build_engines_records_tensorrt_engines(tiny_ckpt, tmp_path):
     result = export_bundle(tiny_ckpt, tmp_path / "b", videos=0, log=None)
     m = build_engines(result.path, timing_cache=tmp_path / "trt.cache", log=None)
     (key, rec), = m.engines.items()
-    assert set(rec.files) == {"global", "policy", "local"} and rec.compute_capability in key
+    assert set(rec.files) == {"global", "policy", "backbone", "head"} and rec.compute_capability in key
     assert load_bundle(result.path).manifest.engines[key].tensorrt_version == rec.tensorrt_version
     assert (tmp_path / "trt.cache").is_file()
 
@@ -347,6 +358,6 @@ def test_base_p128_export(tmp_path):
     result = export_bundle(ckpt, videos=2, log=None)
     assert result.report.passed, result.report.format()
     m = load_bundle(result.path).manifest
-    assert m.stages["local"].inputs[0].shape == ["batch", 3, 128, 128]
+    assert m.stages["backbone"].inputs[0].shape == ["batch", 3, 128, 128]
     assert m.stages["policy"].outputs[0].shape == ["batch", 48, 4]
     assert len(m.costs.exits) == 17

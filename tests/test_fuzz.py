@@ -164,8 +164,8 @@ SPECIAL_VALUES = [
     None, True, False, 0, 1, -1, 2, 3, 7, 2**31, 2**63, 10**30, -10**9, 0.0, -0.0, 0.5, 1.5, -2.5, 1e-300, 1e300,
     float("nan"), float("inf"), float("-inf"), "", "0", "1", "64", "1.5", "-1", "NaN", "nan", "Infinity", "inf",
     "1e999", "null", "true", "batch", "float32", "int64", "float16", "fp16", "int8", "tsm", "base", "max_logit",
-    "global.onnx", "local.onnx", "dense.onnx", "manifest.json", "../global.onnx", "/etc/hostname", "sub/x.onnx",
-    "x\\y.onnx", ".", "é☃", "a" * 300, [], {}, [0], [1, 2, 3], ["batch"], [None], [[1]], [-1, 0], [1.5],
+    "global.onnx", "backbone.onnx", "head.onnx", "dense.onnx", "manifest.json", "../global.onnx", "/etc/hostname",
+    "sub/x.onnx", "x\\y.onnx", ".", "é☃", "a" * 300, [], {}, [0], [1, 2, 3], ["batch"], [None], [[1]], [-1, 0], [1.5],
     {"a": 1}, {"": None}, {"budget_gflops": 0.1, "thresholds": [None] * 9},
 ]
 # JSON text json.dumps cannot write: huge literals, deep nesting, lone surrogates, control characters

@@ -43,27 +43,38 @@ def test_int8_bundle_is_written_and_runs(setup, tmp_path):
     shutil.copytree(bundle, work)
     result = calibrate_int8(work, data, Int8Options(max_drop=100.0, **OPTIONS))
     assert result.passed and result.written
-    assert result.files == {"global": "global.int8.onnx", "local": "local.int8.onnx"}
-    assert result.quantized_nodes["global"] > 40 and result.quantized_nodes["local"] == 20  # every conv
+    assert result.files == {"global": "global.int8.onnx", "backbone": "backbone.int8.onnx"}
+    assert result.quantized_nodes["global"] > 40 and result.quantized_nodes["backbone"] == 20  # every conv
     m = load_bundle(work).manifest  # checksums of the new files are recorded
-    assert m.precisions["int8"] == {"global": "global.int8.onnx", "policy": "policy.onnx", "local": "local.int8.onnx"}
-    assert {"global.int8.onnx", "local.int8.onnx"} <= set(m.files)
+    assert m.precisions["int8"] == {"global": "global.int8.onnx", "policy": "policy.onnx",
+                                    "backbone": "backbone.int8.onnx", "head": "head.onnx"}
+    assert {"global.int8.onnx", "backbone.int8.onnx"} <= set(m.files)
     assert not [p for p in work.iterdir() if p.name.startswith(".")]  # no temp files left behind
 
     from onnx import TensorProto, numpy_helper
 
-    for stage in ("global", "local"):
+    for stage in ("global", "backbone"):
         q = onnx.load(str(work / int8_name(f"{stage}.onnx")))
         zps = _zero_points(q)
         assert zps and all(z.data_type in (TensorProto.INT8, TensorProto.INT32) for z in zps)
         assert all(z.data_type == TensorProto.INT8 for z in zps)  # no int32 bias Q/DQ, no UINT8
         assert not any(numpy_helper.to_array(z).any() for z in zps)  # symmetric
         dq_out = {o for n in q.graph.node if n.op_type == "DequantizeLinear" for o in n.output}
-        heads = [n for n in q.graph.node if n.op_type in ("Gemm", "MatMul", "Gather")]
-        assert heads and not any(i in dq_out for n in heads for i in n.input)  # heads stay float
+        if stage == "global":
+            heads = [n for n in q.graph.node if n.op_type in ("Gemm", "MatMul", "Gather")]
+            assert heads and not any(i in dq_out for n in heads for i in n.input)  # the glance's head stays float
+        else:
+            convs = [n for n in q.graph.node if n.op_type == "Conv"]
+            assert len(convs) == 20 and all(any(i in dq_out for i in n.input) for n in convs)  # every conv
+    # the classifier step (head.onnx) stays float: the int8 precision runs the bundle's own, untouched file
+    assert (work / "head.onnx").read_bytes() == (bundle / "head.onnx").read_bytes()
+    head = onnx.load(str(work / "head.onnx"))
+    assert [n for n in head.graph.node if n.op_type in ("Gemm", "MatMul", "Gather")]
+    assert not [n for n in head.graph.node if n.op_type in ("QuantizeLinear", "DequantizeLinear")]
+    assert not (work / int8_name("head.onnx")).exists()
     from adafocus.export.readiness import check_readiness
 
-    for name in ("global.int8.onnx", "local.int8.onnx"):
+    for name in ("global.int8.onnx", "backbone.int8.onnx"):
         report = check_readiness(work / name)
         assert report.ok and not report.warnings and report.qdq_nodes > 0, report.format()
 
@@ -78,11 +89,11 @@ def test_int8_bundle_is_written_and_runs(setup, tmp_path):
     # a second calibration replaces the files and their checksums together
     new = tmp_path / "new"
     new.mkdir()
-    for stage in ("global", "local"):
+    for stage in ("global", "backbone"):
         shutil.copy(work / f"{stage}.onnx", new / int8_name(f"{stage}.onnx"))
-    assert install_int8(work, {s: new / int8_name(f"{s}.onnx") for s in ("global", "local")})
+    assert install_int8(work, {s: new / int8_name(f"{s}.onnx") for s in ("global", "backbone")})
     load_bundle(work)
-    assert (work / "local.int8.onnx").read_bytes() == (work / "local.onnx").read_bytes()
+    assert (work / "backbone.int8.onnx").read_bytes() == (work / "backbone.onnx").read_bytes()
     assert not [p for p in work.iterdir() if p.name.startswith(".")]
 
 
@@ -90,7 +101,9 @@ def test_int8_bundle_is_written_and_runs(setup, tmp_path):
 # The quantizer is replaced (int8.quantize_stage, looked up on every call) by one that decides the gate: the
 # stages that must pass get an exact copy of their float file (fp32's predictions: a drop of exactly 0), the
 # stages that must fail a copy whose logits name class `hot` on every video, a class that no label uses (top-1
-# 0 wherever that stage decides the prediction). Nothing depends on how INT8 rounding treats a random model.
+# 0 wherever that stage decides the prediction). The backbone has no logits (the step head, fed by it, has):
+# a failing backbone is an exact copy, and the gate's INT8 pipeline (int8.pipeline_with_files, replaced too)
+# then runs a head whose logits name `hot`. Nothing depends on how INT8 rounding treats a random model.
 GATE = {**OPTIONS, "calib_videos": 1, "max_drop": 0.0}
 
 
@@ -100,7 +113,8 @@ def gated(setup, tmp_path_factory):
     reads the glance's predictions as well as the last exit's), and held-out labels fp32 gets right on both
     rows: the first video labelled with its glance prediction, the others with their last exit's. Returns
     (bundle, data, hot, drops): ``hot`` is a class no label uses, ``drops`` each row's top-1 drop when the
-    stage deciding it predicts ``hot``: 'glance' (the global encoder's logits) and 'last' (the local's)."""
+    stage deciding it predicts ``hot``: 'glance' (the global encoder's logits) and 'last' (the step head's, fed by
+    the backbone)."""
     bundle, data = setup
     root = tmp_path_factory.mktemp("gated")
     work = Path(shutil.copytree(bundle, root / "bundle"))
@@ -148,19 +162,31 @@ def _write_forced_logits(src: Path, dst: Path, hot: int) -> None:
 
 
 def _force(monkeypatch, hot: int, failing: set[str]) -> list[str]:
-    """Replace the quantizer (see above); returns the list of stages it is asked for, in order."""
+    """Replace the quantizer and the gate's INT8 pipeline (see above); returns the list of stages the
+    quantizer is asked for, in order."""
+    from adafocus.calibration import int8
+
     calls: list[str] = []
+    pipeline_with_files = int8.pipeline_with_files
 
     def quantize(src, dst, feeds, *args, **kwargs) -> int:
         stage = Path(src).name.split(".")[0]
         calls.append(stage)
-        if stage in failing:
+        if stage in failing and stage != "backbone":
             _write_forced_logits(Path(src), Path(dst), hot)
         else:
             shutil.copyfile(src, dst)
         return 0
 
+    def with_files(bundle_dir, files, *args, **kwargs):
+        if "backbone" in failing and "backbone" in files:  # next to the INT8 files: removed with them
+            head = Path(files["backbone"]).with_name("head.forced.onnx")
+            _write_forced_logits(Path(bundle_dir) / "head.onnx", head, hot)
+            files = {**files, "head": str(head)}
+        return pipeline_with_files(bundle_dir, files, *args, **kwargs)
+
     monkeypatch.setattr("adafocus.calibration.int8.quantize_stage", quantize)
+    monkeypatch.setattr("adafocus.calibration.int8.pipeline_with_files", with_files)
     return calls
 
 
@@ -172,14 +198,14 @@ def test_failed_gate_leaves_the_bundle_as_it_was(gated, tmp_path, capsys, monkey
     """--no-fallback, both encoders failing the gate: exit code 1, one error line, the bundle byte-identical."""
     bundle, data, hot, drops = gated
     bundle = Path(shutil.copytree(bundle, tmp_path / "copy"))
-    calls = _force(monkeypatch, hot, {"global", "local"})
+    calls = _force(monkeypatch, hot, {"global", "backbone"})
     before = _digest(bundle)
     with pytest.raises(SystemExit) as exc:
         main(["calibrate", "int8", str(bundle), "--data", str(data), "--max-drop", "0", "--calib-videos", "1",
               "--threads", "1", "--no-fallback"])
     out, err = capsys.readouterr()
     worst = max(drops.values())
-    assert exc.value.code == 1 and calls == ["global", "local"]
+    assert exc.value.code == 1 and calls == ["global", "backbone"]
     assert f"gate FAILED: worst top-1 drop {worst:+.2f} points (allowed 0)" in out and "tries:" not in out
     line = f"error: INT8 accuracy gate failed: top-1 drop {worst:.2f} points > --max-drop 0; {bundle} unchanged"
     assert [x for x in err.splitlines() if x.startswith("error")] == [line] and err.strip().splitlines()[-1] == line
@@ -190,38 +216,43 @@ def _try(stages: list[str], drop: float, passed: bool) -> dict:
     return {"stages": stages, "worst_drop": round(drop, 4), "passed": passed}
 
 
-def test_fallback_keeps_local_alone_when_the_glance_fails(gated, tmp_path, monkeypatch):
-    """The glance fails the gate: both encoders fail, then local alone passes and is written (local first);
+def test_fallback_keeps_backbone_alone_when_the_glance_fails(gated, tmp_path, monkeypatch):
+    """The glance fails the gate: both encoders fail, then the backbone alone passes and is written (backbone
+    first);
     global keeps its float file and the report is the try that passed."""
     bundle, data, hot, drops = gated
     bundle = Path(shutil.copytree(bundle, tmp_path / "copy"))
     calls = _force(monkeypatch, hot, {"global"})
     before = _names(bundle)
     result = calibrate_int8(bundle, data, Int8Options(**GATE))
-    assert calls == ["global", "local", "local"]
-    assert result.attempts == [_try(["global", "local"], drops["glance"], False), _try(["local"], 0.0, True)]
-    assert result.written and result.stages == ("local",) and result.report.worst_drop == 0.0
-    assert result.files == {"local": "local.int8.onnx"}
+    assert calls == ["global", "backbone", "backbone"]
+    assert result.attempts == [_try(["global", "backbone"], drops["glance"], False), _try(["backbone"], 0.0, True)]
+    assert result.written and result.stages == ("backbone",) and result.report.worst_drop == 0.0
+    assert result.files == {"backbone": "backbone.int8.onnx"}
     m = load_bundle(bundle).manifest  # checksums verified
-    assert m.precisions == {"int8": {"global": "global.onnx", "policy": "policy.onnx", "local": "local.int8.onnx"}}
-    assert _names(bundle) == sorted([*before, "local.int8.onnx"])
-    assert (bundle / "local.int8.onnx").read_bytes() == (bundle / "local.onnx").read_bytes()  # what the fake wrote
+    assert m.precisions == {"int8": {"global": "global.onnx", "policy": "policy.onnx",
+                                     "backbone": "backbone.int8.onnx", "head": "head.onnx"}}
+    assert _names(bundle) == sorted([*before, "backbone.int8.onnx"])
+    # what the fake wrote
+    assert (bundle / "backbone.int8.onnx").read_bytes() == (bundle / "backbone.onnx").read_bytes()
 
 
-def test_fallback_keeps_global_alone_when_local_fails(gated, tmp_path, monkeypatch):
-    """Local fails the gate: both encoders fail, local alone fails, global alone passes and is written."""
+def test_fallback_keeps_global_alone_when_the_backbone_fails(gated, tmp_path, monkeypatch):
+    """The backbone fails the gate: both encoders fail, the backbone alone fails, global alone passes and is
+    written."""
     bundle, data, hot, drops = gated
     bundle = Path(shutil.copytree(bundle, tmp_path / "copy"))
-    calls = _force(monkeypatch, hot, {"local"})
+    calls = _force(monkeypatch, hot, {"backbone"})
     before = _names(bundle)
     result = calibrate_int8(bundle, data, Int8Options(**GATE))
-    assert calls == ["global", "local", "local", "global"]
-    assert result.attempts == [_try(["global", "local"], drops["last"], False), _try(["local"], drops["last"], False),
-                               _try(["global"], 0.0, True)]
+    assert calls == ["global", "backbone", "backbone", "global"]
+    assert result.attempts == [_try(["global", "backbone"], drops["last"], False),
+                               _try(["backbone"], drops["last"], False), _try(["global"], 0.0, True)]
     assert result.written and result.stages == ("global",) and result.report.worst_drop == 0.0
     assert result.files == {"global": "global.int8.onnx"}
     m = load_bundle(bundle).manifest
-    assert m.precisions == {"int8": {"global": "global.int8.onnx", "policy": "policy.onnx", "local": "local.onnx"}}
+    assert m.precisions == {"int8": {"global": "global.int8.onnx", "policy": "policy.onnx",
+                                     "backbone": "backbone.onnx", "head": "head.onnx"}}
     assert _names(bundle) == sorted([*before, "global.int8.onnx"])
     assert (bundle / "global.int8.onnx").read_bytes() == (bundle / "global.onnx").read_bytes()
 
@@ -230,13 +261,13 @@ def test_fallback_writes_nothing_when_every_try_fails(gated, tmp_path, monkeypat
     """Both encoders fail the gate, together and alone: nothing is written, the report is the first try's."""
     bundle, data, hot, drops = gated
     bundle = Path(shutil.copytree(bundle, tmp_path / "copy"))
-    calls = _force(monkeypatch, hot, {"global", "local"})
+    calls = _force(monkeypatch, hot, {"global", "backbone"})
     before = _digest(bundle)
     result = calibrate_int8(bundle, data, Int8Options(**GATE))
-    assert calls == ["global", "local", "local", "global"]
-    assert result.attempts == [_try(["global", "local"], max(drops.values()), False),
-                               _try(["local"], drops["last"], False), _try(["global"], drops["glance"], False)]
-    assert not result.written and result.files == {} and result.stages == ("global", "local")
+    assert calls == ["global", "backbone", "backbone", "global"]
+    assert result.attempts == [_try(["global", "backbone"], max(drops.values()), False),
+                               _try(["backbone"], drops["last"], False), _try(["global"], drops["glance"], False)]
+    assert not result.written and result.files == {} and result.stages == ("global", "backbone")
     assert result.report.worst_drop == max(drops.values())
     assert _digest(bundle) == before
 
@@ -280,11 +311,13 @@ def test_recorded_calibration_inputs_are_what_the_stages_see(setup):
     with Pipeline.from_bundle(bundle, threads=1) as pipe:
         videos = sorted((data / "val").glob("*.mp4"))[:2]
         feeds = record_stage_inputs(pipe, videos)
-        assert len(feeds["global"]) == 2 and len(feeds["local"]) == 2 * (len(pipe.exits) - 1)
+        steps = len(pipe.exits) - 1
+        assert len(feeds["global"]) == 2 and len(feeds["backbone"]) == 2 * steps  # one backbone call per step
         assert feeds["global"][0]["frames"].shape == (1, 8, 3, 128, 128)
-        steps = [int(f["step"][0]) for f in feeds["local"][:len(pipe.exits) - 1]]
-        assert steps == list(range(len(pipe.exits) - 1))
-        assert not np.allclose(feeds["local"][1]["state"], 0)  # the running classifier state, not zeros
+        p = pipe.manifest.preprocessing.patch_size
+        assert all(list(f) == ["patch"] and f["patch"].shape == (1, 3, p, p) for f in feeds["backbone"])
+        first = [f["patch"] for f in feeds["backbone"][:steps]]  # every step's own patch, not one repeated
+        assert all(not np.array_equal(a, b) for i, a in enumerate(first) for b in first[i + 1:])
         assert all(type(e).__name__ != "_Recorder" for e in pipe.engines.values())
 
 
@@ -296,15 +329,15 @@ def test_uint8_cpu_variant_of_one_stage_is_its_own_precision(setup, tmp_path):
     bundle, data = setup
     work = tmp_path / "b"
     shutil.copytree(bundle, work)
-    result = calibrate_int8(work, data, Int8Options(max_drop=100.0, stages=("local",), activations="uint8",
+    result = calibrate_int8(work, data, Int8Options(max_drop=100.0, stages=("backbone",), activations="uint8",
                                                     **OPTIONS))
-    assert result.written and result.files == {"local": "local.int8-u8.onnx"}
+    assert result.written and result.files == {"backbone": "backbone.int8-u8.onnx"}
     m = load_bundle(work).manifest
     assert m.precisions == {"int8-u8": {"global": "global.onnx", "policy": "policy.onnx",
-                                        "local": "local.int8-u8.onnx"}}
-    zps = _zero_points(onnx.load(str(work / "local.int8-u8.onnx")))
+                                        "backbone": "backbone.int8-u8.onnx", "head": "head.onnx"}}
+    zps = _zero_points(onnx.load(str(work / "backbone.int8-u8.onnx")))
     assert zps and any(z.data_type == TensorProto.UINT8 for z in zps)
-    assert not check_readiness(work / "local.int8-u8.onnx").ok  # TensorRT would refuse it, and we say so
+    assert not check_readiness(work / "backbone.int8-u8.onnx").ok  # TensorRT would refuse it, and we say so
     with Pipeline.from_bundle(work, precision="int8-u8", threads=1) as pipe:
         assert pipe.precision == "int8-u8"
     with pytest.raises(BundleError, match="no int8 files"):

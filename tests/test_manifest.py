@@ -56,8 +56,8 @@ CASES = [
      "unknown key preprocessing.patch_sise (did you mean 'patch_size'?)"),
     (lambda d: d["preprocessing"].update(rgb="yes"), "preprocessing.rgb must be true or false, found the string"),
     (lambda d: d["preprocessing"].update(glance_positions=[1, 3]), "preprocessing.glance_positions must hold"),
-    (lambda d: d["stages"]["local"]["inputs"][0].update(shape=["batch", 3, "64", 64]),
-     "stages.local.inputs[0].shape must hold positive sizes or 'batch'"),
+    (lambda d: d["stages"]["backbone"]["inputs"][0].update(shape=["batch", 3, "64", 64]),
+     "stages.backbone.inputs[0].shape must hold positive sizes or 'batch'"),
     (lambda d: d["exit"]["thresholds"]["0.0562"].update(thresholds=[1.0, 2.0]),
      "exit.thresholds.0.0562.thresholds must hold one value per exit (9), found 2"),
     (lambda d: d["exit"].update(criterion="max_logits"), "exit.criterion must be one of max_logit, neg_entropy"),
@@ -124,6 +124,6 @@ def test_every_accepted_manifest_runs(bundle, edit):
 def test_engine_io_differing_from_the_manifest_is_refused(bundle):
     """The manifest is not checksummed: records that disagree with the (checksummed) ONNX files are caught
     when the engines are created, naming the stage and tensor."""
-    _edit(bundle, lambda d: d["stages"]["local"]["inputs"][1].update(shape=["batch", 128]))
-    with pytest.raises(BundleError, match="local.onnx.*input 'state' has shape"):
+    _edit(bundle, lambda d: d["stages"]["head"]["inputs"][1].update(shape=["batch", 128]))
+    with pytest.raises(BundleError, match="head.onnx.*input 'state' has shape"):
         Pipeline.from_bundle(bundle, threads=1)

@@ -127,8 +127,9 @@ def test_every_kind_of_video_runs(pipe, clips, kind):
         assert x1 > x0 and y1 > y0
     d = result.to_dict()
     for key in ("video", "label", "score", "topk", "exit_step", "frames_used", "patches", "gflops",
-                "budget_gflops", "engine", "timings_ms"):
+                "budget_gflops", "engine", "timings_ms", "focus_positions", "gflops_exit", "chunk"):
         assert key in d
+    assert d["chunk"] == 1 and d["gflops_exit"] == d["gflops"]  # CPU: one step per backbone call, nothing wasted
     for key in ("decode", "glance", "policy", "crop", "local", "total"):
         assert key in d["timings_ms"]
     json.dumps(d)
