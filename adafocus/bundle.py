@@ -19,12 +19,16 @@ whose files differ from what was recorded. Tools that add files (calibration, en
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import errno
 import hashlib
 import json
 import os
+import shutil
 import tempfile
-from collections.abc import Callable
+import threading
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path, PurePosixPath
@@ -33,6 +37,11 @@ from typing import Any
 from adafocus.errors import BundleError
 from adafocus.schema import SchemaError, read_record
 from adafocus.schema import describe as describe_value
+
+try:
+    import fcntl
+except ImportError:  # Windows: no flock, bundles are not locked there (see lock_bundle)
+    fcntl = None
 
 FORMAT = "adafocus-bundle"
 FORMAT_VERSION = 2  # 2: the local stage split into backbone (patches -> features) + head (one classifier step)
@@ -568,26 +577,123 @@ def verify_files(bundle_dir: str | Path, manifest: Manifest) -> None:
 
 
 def load_bundle(path: str | Path, verify: bool = True) -> Bundle:
-    """Open a bundle directory; with ``verify`` every file is checked against the manifest's checksums."""
-    bundle_dir = Path(path)
-    if bundle_dir.name == MANIFEST_NAME and bundle_dir.is_file():
-        bundle_dir = bundle_dir.parent
+    """Open a bundle directory; with ``verify`` every file is checked against the manifest's checksums.
+
+    Verifying holds the bundle's shared lock (:func:`lock_bundle`) from reading the manifest to the last
+    checksum, so an update (which installs files and writes the manifest under the exclusive lock) is seen
+    whole or not at all. A caller that opens the files later and must get the verified ones holds the shared
+    lock itself around both (as ``Pipeline.from_bundle`` does)."""
+    bundle_dir = _bundle_dir(path)
     if not bundle_dir.exists():
         raise BundleError(f"bundle not found: {path}")
-    manifest = read_manifest(bundle_dir)
-    if verify:
+    if not verify:  # one file, replaced atomically by write_manifest: nothing to hold still
+        return Bundle(bundle_dir, read_manifest(bundle_dir))
+    with lock_bundle(bundle_dir):
+        manifest = read_manifest(bundle_dir)
         verify_files(bundle_dir, manifest)
     return Bundle(bundle_dir, manifest)
 
 
+# ------------------------------------------------------------------------------------------- locking
+# A bundle is locked with flock(2) on its directory itself (an O_RDONLY descriptor of it): no lock file is
+# created, so nothing appears in the bundle (listings, copies, wheels stay as they were), and read-only
+# bundles (the demo inside site-packages, a read-only mount) lock like any other: flock needs no write
+# access. Shared: readers that verify; exclusive: update_manifest, from reading the manifest to writing it.
+# Where the directory cannot be opened or flock fails (no fcntl on Windows; NFS, where flock becomes a POSIX
+# lock that a read-only descriptor cannot take exclusively) the bundle is used unlocked, as before.
+_held = threading.local()  # .locks: realpath of a bundle directory -> "shared" | "exclusive" (this thread)
+
+
+def _held_locks() -> dict[str, str]:
+    if not hasattr(_held, "locks"):
+        _held.locks = {}
+    return _held.locks
+
+
+def _bundle_dir(path: str | os.PathLike) -> Path:
+    """The directory of a bundle given as its directory or its manifest file."""
+    bundle_dir = Path(path)
+    if bundle_dir.name == MANIFEST_NAME and bundle_dir.is_file():
+        bundle_dir = bundle_dir.parent
+    return bundle_dir
+
+
+def _lock_fd(bundle_dir: Path, exclusive: bool) -> int | None:
+    """An open descriptor of ``bundle_dir`` holding its flock, or None where it cannot be locked."""
+    if fcntl is None:  # Windows has no flock (msvcrt's locks are mandatory byte ranges of files): unlocked
+        return None
+    try:
+        fd = os.open(bundle_dir, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
+    except OSError:  # missing (load_bundle says so), not a directory or not readable: nothing to lock
+        return None
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX if exclusive else fcntl.LOCK_SH)  # waits for a conflicting holder
+    except OSError:  # a file system without flock on directories: unlocked
+        os.close(fd)
+        return None
+    except BaseException:  # KeyboardInterrupt while waiting
+        os.close(fd)
+        raise
+    return fd
+
+
+@contextlib.contextmanager
+def lock_bundle(path: str | os.PathLike, exclusive: bool = False) -> Iterator[None]:
+    """Hold a bundle's lock: shared (the default; readers: verify files, then open them) or ``exclusive``
+    (:func:`update_manifest`: install files, write the manifest). Waits while another process or thread
+    holds a conflicting lock; the lock is released when the block ends (or its process dies).
+
+    Within one thread the lock nests: a shared hold inside a shared or exclusive one is a no-op (so
+    ``load_bundle`` works inside an update's callback), and an exclusive one inside any hold of the same
+    bundle is a BundleError, not a deadlock (an update inside another update would be overwritten by it).
+    A bundle that cannot be locked (see above) is used unlocked."""
+    bundle_dir = _bundle_dir(path)
+    key = os.path.realpath(bundle_dir)
+    held = _held_locks()
+    if key in held:
+        if exclusive:
+            raise BundleError(f"cannot update bundle {bundle_dir} while this thread holds its "
+                              f"{held[key]} lock (an update_manifest or a read of the same bundle is in "
+                              "progress around this call): the outer one would overwrite this update")
+        yield  # a read inside this thread's own read or update: already covered
+        return
+    fd = _lock_fd(bundle_dir, exclusive)
+    held[key] = "exclusive" if exclusive else "shared"
+    try:
+        yield
+    finally:
+        del held[key]
+        if fd is not None:
+            with contextlib.suppress(OSError):
+                fcntl.flock(fd, fcntl.LOCK_UN)  # also for forked children sharing the descriptor
+            os.close(fd)
+
+
 def write_manifest(bundle_dir: str | Path, manifest: Manifest) -> Path:
-    """Write ``manifest.json`` atomically (temp file in the same directory, fsync, rename)."""
+    """Write ``manifest.json`` atomically (temp file in the same directory, fsync, rename, fsync of the
+    directory). The new file keeps the old one's permission bits; a first manifest gets 0o666 less the
+    umask, as any new file. (Not a lock: :func:`update_manifest` is the way to change a bundle's manifest.)"""
     bundle_dir = Path(bundle_dir)
     target = bundle_dir / MANIFEST_NAME
     text = dumps(manifest.to_dict()) + "\n"
-    fd, tmp = tempfile.mkstemp(prefix=f".{MANIFEST_NAME}.", dir=bundle_dir)
+    try:
+        mode: int | None = os.stat(target).st_mode & 0o7777
+    except FileNotFoundError:
+        mode = None
+    # not mkstemp: its 0600 would survive the rename; O_EXCL with 0o666 lets the umask apply as for any file
+    for _ in range(100):
+        tmp = str(bundle_dir / f".{MANIFEST_NAME}.{os.urandom(6).hex()}")
+        try:
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0), 0o666)
+            break
+        except FileExistsError:
+            continue
+    else:
+        raise FileExistsError(f"no free temporary name for {target}")
     try:
         with os.fdopen(fd, "w", encoding="utf-8") as f:
+            if mode is not None and hasattr(os, "fchmod"):
+                os.fchmod(f.fileno(), mode)
             f.write(text)
             f.flush()
             os.fsync(f.fileno())
@@ -595,7 +701,24 @@ def write_manifest(bundle_dir: str | Path, manifest: Manifest) -> Path:
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
+    _fsync_dir(bundle_dir)
     return target
+
+
+def _fsync_dir(path: Path) -> None:
+    """Make renames in ``path`` durable. Best effort: where a directory cannot be opened or fsynced
+    (Windows, some file systems) there is nothing more to do, and the rename has happened (the new
+    manifest is what readers see): failing now would only tell the caller it had not."""
+    try:
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
 
 
 def dumps(obj: Any, indent: int = 2, _level: int = 0) -> str:
@@ -615,22 +738,108 @@ def dumps(obj: Any, indent: int = 2, _level: int = 0) -> str:
 
 
 def update_manifest(bundle_dir: str | Path, fn: Callable[[Manifest], Manifest | None],
-                    verify: bool = True) -> Manifest:
+                    verify: bool = True, install: Mapping[str, str | os.PathLike] | None = None) -> Manifest:
     """Edit a bundle's manifest and recompute the checksums of every file it references.
 
     The bundle is verified first (so that an edit never blesses a tampered file), then ``fn`` edits the
     manifest in place or returns a new one. Files that ``fn`` adds (a new engine, an int8 stage, an entry
     ``files[name]`` with any value) are hashed; a file listed in ``files`` that no longer exists is an error.
+
+    ``install`` maps bundle file names to files (temporary ones, best in the bundle directory) that are moved
+    into the bundle after the verification, before ``fn``: all or nothing, a file they replace is kept aside
+    until the new manifest is written and put back if anything fails, the new ones are then removed.
+
+    All of it (read, verify, install, ``fn``, hash, write) holds the bundle's exclusive lock
+    (:func:`lock_bundle`): readers that verify wait rather than see new files under the old manifest, and two
+    updates run one after the other, the second editing what the first wrote. So ``fn`` should be quick:
+    build files before, install them here.
     """
-    bundle = load_bundle(bundle_dir, verify=verify)
-    manifest = fn(bundle.manifest) or bundle.manifest
-    manifest.files = checksum_files(bundle.path, manifest.referenced_files())
-    try:
-        check_manifest(manifest)  # a tool's edit never leaves a manifest that load_bundle would refuse
-    except SchemaError as exc:
-        raise BundleError(f"refusing to write an invalid manifest to {bundle.path}: {exc}") from None
-    write_manifest(bundle.path, manifest)
+    with lock_bundle(bundle_dir, exclusive=True):
+        bundle = load_bundle(bundle_dir, verify=verify)
+        with _installing(bundle.path, dict(install or {})):
+            manifest = fn(bundle.manifest) or bundle.manifest
+            manifest.files = checksum_files(bundle.path, manifest.referenced_files())
+            try:
+                check_manifest(manifest)  # a tool's edit never leaves a manifest that load_bundle would refuse
+            except SchemaError as exc:
+                raise BundleError(f"refusing to write an invalid manifest to {bundle.path}: {exc}") from None
+            write_manifest(bundle.path, manifest)  # the commit: nothing after it can fail
     return manifest
+
+
+@contextlib.contextmanager
+def _installing(bundle_dir: Path, files: dict[str, str | os.PathLike]) -> Iterator[None]:
+    """Move ``files`` (bundle name -> source) into ``bundle_dir`` for the block; the files they replace wait
+    in a hidden directory of the bundle. If the block raises, the new files are removed and the old ones put
+    back (one that cannot be is left in ``.adafocus-old.*``, and the error says where); else the old ones
+    are deleted. A file takes the permission bits of the one it replaces, a new one those of the manifest
+    (less execute): producers write through mkstemp, whose 0600 would hide the file from other users."""
+    if not files:
+        yield
+        return
+    for name, src in files.items():
+        if _safe_name(name) == MANIFEST_NAME:
+            raise BundleError(f"cannot install a file named {MANIFEST_NAME}: the manifest is written, not installed")
+        if not Path(src).is_file():
+            raise BundleError(f"cannot install {name} into {bundle_dir}: {src} is not a file")
+    aside: Path | None = Path(tempfile.mkdtemp(prefix=".adafocus-old.", dir=bundle_dir))
+    installed: list[Path] = []
+    kept: list[tuple[Path, Path]] = []  # (bundle file, its old version in aside)
+    try:
+        for i, (name, src) in enumerate(files.items()):
+            target = bundle_dir / name
+            like = target if target.is_file() else bundle_dir / MANIFEST_NAME
+            with contextlib.suppress(OSError):
+                mode = os.stat(like).st_mode & (0o7777 if like == target else 0o666)
+                os.chmod(src, mode)
+            if os.path.lexists(target):
+                os.replace(target, aside / str(i))
+                kept.append((target, aside / str(i)))
+            installed.append(target)
+            _move_into(Path(src), target)
+        yield
+    except BaseException as exc:
+        for target in installed:
+            with contextlib.suppress(OSError):
+                target.unlink(missing_ok=True)
+        lost = []
+        for target, old in kept:
+            try:
+                os.replace(old, target)
+            except OSError:
+                lost.append(f"{old} (the old {target.name})")
+        if lost:
+            aside = None  # keep what could not be put back
+            raise BundleError(f"an update of {bundle_dir} failed ({type(exc).__name__}: {exc}) and "
+                              f"{', '.join(lost)} could not be put back: move it back by hand") from exc
+        raise
+    finally:
+        if aside is not None:
+            shutil.rmtree(aside, ignore_errors=True)
+
+
+def _move_into(src: Path, target: Path) -> None:
+    """Rename ``src`` to ``target`` (its data synced first); across file systems, copy then rename."""
+    with contextlib.suppress(OSError), open(src, "rb") as f:
+        os.fsync(f.fileno())
+    try:
+        os.replace(src, target)
+        return
+    except OSError as exc:
+        if exc.errno != errno.EXDEV:
+            raise
+    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
+    try:
+        with os.fdopen(fd, "wb") as out, open(src, "rb") as f:
+            shutil.copyfileobj(f, out)
+            out.flush()
+            os.fsync(out.fileno())
+        shutil.copymode(src, tmp)
+        os.replace(tmp, target)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    src.unlink()
 
 
 # ------------------------------------------------------------------------------------------- helpers

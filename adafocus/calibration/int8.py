@@ -402,23 +402,14 @@ def install_int8(bundle_dir: str | os.PathLike, tmp_files: dict[str, Path], prec
                  thresholds: dict[str, dict] | None = None) -> dict[str, str]:
     """Move quantized stage files into the bundle and record them as ``precisions[precision]`` (the other
     stages keep their own files), with the precision's own exit ``thresholds`` table when given, all or
-    nothing: files that are replaced are kept aside until the manifest is written, and put back on failure."""
+    nothing: ``update_manifest`` installs the files under the bundle's exclusive lock (readers never see a
+    new file under the old manifest), keeps the files they replace aside until the manifest is written and
+    puts them back on failure."""
     from adafocus.bundle import update_manifest
 
-    bundle_dir = Path(bundle_dir)
     names = {stage: Path(tmp).name for stage, tmp in tmp_files.items()}
-    aside = Path(tempfile.mkdtemp(prefix=".int8-old.", dir=bundle_dir))
-    moved: list[str] = []
-    kept: list[str] = []
 
     def edit(manifest):
-        for stage, tmp in tmp_files.items():
-            target = bundle_dir / names[stage]
-            if target.exists():
-                os.replace(target, aside / names[stage])
-                kept.append(names[stage])
-            os.replace(tmp, target)
-            moved.append(names[stage])
         files = {s: st.file for s, st in manifest.stages.items()}
         files.update(names)
         manifest.precisions[precision] = files
@@ -430,16 +421,7 @@ def install_int8(bundle_dir: str | os.PathLike, tmp_files: dict[str, Path], prec
             manifest.files[name] = None  # hashed by update_manifest
         return manifest
 
-    try:
-        update_manifest(bundle_dir, edit)
-    except BaseException:
-        for name in moved:
-            (bundle_dir / name).unlink(missing_ok=True)
-        for name in kept:
-            os.replace(aside / name, bundle_dir / name)
-        raise
-    finally:
-        shutil.rmtree(aside, ignore_errors=True)
+    update_manifest(bundle_dir, edit, install={names[stage]: tmp for stage, tmp in tmp_files.items()})
     return names
 
 

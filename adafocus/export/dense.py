@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import contextlib
 import copy
-import os
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -203,8 +202,7 @@ def add_dense(bundle_dir: str | Path, checkpoint: str | Path | None = None, *, o
         say(f"{'verify dense':<16} {time.perf_counter() - t:6.1f}s  max rel err {check['max_rel']:.2g}")
         ins, outs = io_specs(tmp)
 
-        def record(manifest: Manifest) -> None:
-            os.replace(tmp, bundle.path / DENSE_FILE)  # after the bundle was verified, before checksums
+        def record(manifest: Manifest) -> None:  # dense.onnx installed by update_manifest, under its lock
             manifest.stages["dense"] = StageInfo(DENSE_FILE, ins, outs, gflops)
             if hasattr(manifest.costs, "dense"):
                 manifest.costs.dense = gflops
@@ -214,7 +212,7 @@ def add_dense(bundle_dir: str | Path, checkpoint: str | Path | None = None, *, o
             if digest is not None:
                 manifest.verification["dense"]["weights_sha256"] = digest
 
-        manifest = update_manifest(bundle.path, record)
+        manifest = update_manifest(bundle.path, record, install={DENSE_FILE: tmp})
     finally:
         with contextlib.suppress(FileNotFoundError):
             tmp.unlink()

@@ -239,42 +239,44 @@ def build_engines(bundle_dir: str | Path, *, fp16: bool | None = None, workspace
         kwargs["workspace_mb"] = workspace_mb
     precision = "fp16" if fp16 or m.precision == "fp16" else "fp32"
     infos: dict[str, tuple[str, str, Any]] = {}
+    # engines are built into a private directory of the bundle (a build takes minutes; the bundle's own
+    # files, which a rebuild of the same key would replace, stay as the manifest describes them meanwhile)
+    # and installed by update_manifest under the bundle's exclusive lock; whatever fails, only this
+    # directory goes, so the bundle is left as it was
+    work = Path(tempfile.mkdtemp(prefix=".engines.", dir=bundle.path))
     try:
         for stage in STAGES:
             t = time.perf_counter()
-            tmp_engine = bundle.path / f".{stage}.engine.tmp"
-            info = build_engine(bundle.stage_path(stage), tmp_engine, **kwargs)
+            built = work / f"{stage}.engine"
+            info = build_engine(bundle.stage_path(stage), built, **kwargs)
             key = f"trt{info.trt_version}.sm{info.compute_capability.replace('.', '')}.{precision}"
             name = f"{stage}.{key}.engine"
-            os.replace(tmp_engine, bundle.path / name)
             infos[stage] = (key, name, info)
-            say(_line(f"tensorrt {stage}", t, shown / name, bundle.path / name))
-    except BaseException:
-        # no half-built set of engines left behind (build_engine itself never leaves a partial file)
-        for _, name, _ in infos.values():
-            (bundle.path / name).unlink(missing_ok=True)
-        raise
-    key, _, first = infos[STAGES[0]]
+            say(_line(f"tensorrt {stage}", t, shown / name, built))
+        key, _, first = infos[STAGES[0]]
 
-    def build_details(stage: str) -> dict:
-        _, name, info = infos[stage]
-        # relative names: the bundle may have been built in a temporary directory and moved since; the
-        # timing cache by file name only (no machine paths in a bundle)
-        details = {**info.to_dict(), "engine_path": name, "onnx_path": m.stages[stage].file}
-        if details.get("timing_cache"):
-            details["timing_cache"] = file_name(details["timing_cache"])
-        return details
+        def build_details(stage: str) -> dict:
+            _, name, info = infos[stage]
+            # relative names: the bundle may have been built in a temporary directory and moved since; the
+            # timing cache by file name only (no machine paths in a bundle)
+            details = {**info.to_dict(), "engine_path": name, "onnx_path": m.stages[stage].file}
+            if details.get("timing_cache"):
+                details["timing_cache"] = file_name(details["timing_cache"])
+            return details
 
-    def record(manifest: Manifest) -> None:
-        manifest.engines[key] = EngineRecord(
-            tensorrt_version=first.trt_version, compute_capability=first.compute_capability,
-            device=first.device_name, precision=precision,
-            files={stage: name for stage, (_, name, _) in infos.items()},
-            batch={"min": batch[0], "opt": batch[1], "max": batch[2]}, created=now_iso(),
-            extra={stage: build_details(stage) for stage in infos},
-        )
+        def record(manifest: Manifest) -> None:
+            manifest.engines[key] = EngineRecord(
+                tensorrt_version=first.trt_version, compute_capability=first.compute_capability,
+                device=first.device_name, precision=precision,
+                files={stage: name for stage, (_, name, _) in infos.items()},
+                batch={"min": batch[0], "opt": batch[1], "max": batch[2]}, created=now_iso(),
+                extra={stage: build_details(stage) for stage in infos},
+            )
 
-    return update_manifest(bundle.path, record)
+        return update_manifest(bundle.path, record,
+                               install={name: work / f"{stage}.engine" for stage, (_, name, _) in infos.items()})
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
 
 
 # -------------------------------------------------------------------------------------------- helpers

@@ -136,12 +136,14 @@ class Pipeline:
         ``cuda_graphs``: the torch engine on cuda replays each stage as a CUDA graph (see TorchEngine).
         ``chunk``: focus steps per backbone call, or ``auto`` (see :meth:`set_chunk`).
         """
+        from adafocus.bundle import lock_bundle
         from adafocus.runtime.engine_set import open_engines
 
         device = str(require_device(device))  # parsed once, here: engines, crops and results see "cpu"/"cuda:N"
-        bundle = load_bundle(path, verify=verify)
-        name, engines = open_engines(bundle, engine, device, threads=threads, precision=precision,
-                                     checkpoint=checkpoint, cuda_graphs=cuda_graphs)
+        with lock_bundle(path):  # shared, from verifying the files until the engines have read them
+            bundle = load_bundle(path, verify=verify)
+            name, engines = open_engines(bundle, engine, device, threads=threads, precision=precision,
+                                         checkpoint=checkpoint, cuda_graphs=cuda_graphs)
         pipe = cls(bundle, engines, name, device, criterion)
         pipe.precision = precision or bundle.manifest.precision
         pipe.set_chunk(chunk)
