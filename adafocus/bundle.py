@@ -895,6 +895,6 @@ def _safe_name(name: str) -> str:
 __all__ = [
     "BATCH", "FORMAT", "FORMAT_VERSION", "MANIFEST_NAME", "OPTIONAL_STAGES", "STAGES",
     "Bundle", "Costs", "EngineRecord", "ExitPolicy", "FileEntry", "Manifest", "Preprocessing", "StageInfo",
-    "TensorInfo", "checksum_files", "dumps", "load_bundle", "now_iso", "read_manifest", "sha256_file",
+    "TensorInfo", "checksum_files", "dumps", "load_bundle", "lock_bundle", "now_iso", "read_manifest", "sha256_file",
     "update_manifest", "verify_files", "write_manifest",
 ]

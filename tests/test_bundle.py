@@ -41,9 +41,10 @@ def _manifest() -> Manifest:
                             [t("logits", ["batch", 5], "float32")], 0.5),
         "policy": StageInfo("policy.onnx", [t("fmap", ["batch", 8, 16, 2, 2], "float32")],
                             [t("actions", ["batch", 16, 4], "float32")], 0.01),
-        "local": StageInfo("local.onnx", [t("patch", ["batch", 3, 32, 32], "float32"),
-                                          t("step", ["batch"], "int64")],
-                           [t("logits", ["batch", 5], "float32")], 0.2),
+        "backbone": StageInfo("backbone.onnx", [t("patch", ["batch", 3, 32, 32], "float32")],
+                              [t("features", ["batch", 16], "float32")], 0.15),
+        "head": StageInfo("head.onnx", [t("features", ["batch", 16], "float32"), t("step", ["batch"], "int64")],
+                          [t("logits", ["batch", 5], "float32")], 0.05),
     }
     pre = Preprocessing(resize_size=64, frame_size=64, glance_size=64, mean=[0.5, 0.5, 0.5], std=[0.2, 0.2, 0.2],
                         rgb=True, num_segments=16, num_glance=8, glance_positions=list(range(1, 16, 2)),
@@ -57,7 +58,7 @@ def _manifest() -> Manifest:
 
 @pytest.fixture()
 def bundle_dir(tmp_path: Path) -> Path:
-    """A valid hand-made bundle with three small stage files."""
+    """A valid hand-made bundle with four small stage files."""
     d = tmp_path / "b"
     d.mkdir()
     m = _manifest()
@@ -80,7 +81,7 @@ def test_manifest_round_trip(bundle_dir):
     assert Manifest.from_dict(json.loads(json.dumps(m.to_dict()))).to_dict() == m.to_dict()
     assert json.loads(dumps(m.to_dict())) == m.to_dict()
     b = load_bundle(bundle_dir)
-    assert b.manifest.stages["local"].inputs[1] == TensorInfo("step", ["batch"], "int64")
+    assert b.manifest.stages["head"].inputs[1] == TensorInfo("step", ["batch"], "int64")
     assert b.manifest.training == {"kind": "test"} and b.manifest.exit.thresholds == {}
     assert b.stage_path("policy") == bundle_dir / "policy.onnx"
     assert not b.has_stage("dense")
@@ -119,11 +120,11 @@ def test_missing_bundle_manifest_or_json(tmp_path, bundle_dir):
 
 # ------------------------------------------------------------------------------------------ checksums
 def test_changed_byte_is_refused_naming_the_file(bundle_dir):
-    path = bundle_dir / "local.onnx"
+    path = bundle_dir / "backbone.onnx"
     data = bytearray(path.read_bytes())
     data[100] ^= 0x01
     path.write_bytes(bytes(data))
-    with pytest.raises(BundleError, match="local.onnx does not match its sha256"):
+    with pytest.raises(BundleError, match="backbone.onnx does not match its sha256"):
         load_bundle(bundle_dir)
     assert load_bundle(bundle_dir, verify=False).manifest.preset == "x"  # verify=False only reads
 
@@ -139,24 +140,25 @@ def test_truncated_and_missing_files_are_refused(bundle_dir):
 
 
 def test_update_manifest_adds_files_and_rehashes(bundle_dir):
-    (bundle_dir / "local.int8.onnx").write_bytes(b"int8 graph")
+    (bundle_dir / "backbone.int8.onnx").write_bytes(b"int8 graph")
     (bundle_dir / "dense.onnx").write_bytes(b"dense graph")
 
     def add(m: Manifest) -> None:
         table = [None, 3.5, 3.0, 2.5, 2.0, 1.5, 1.0, 0.5, 0.0][:m.num_exits()]
         m.exit.thresholds["budget-1.0"] = {"budget_gflops": 1.0, "thresholds": table}
-        m.precisions["int8"] = {"global": "global.onnx", "policy": "policy.onnx", "local": "local.int8.onnx"}
+        m.precisions["int8"] = {"global": "global.onnx", "policy": "policy.onnx", "backbone": "backbone.int8.onnx",
+                                "head": "head.onnx"}
         m.stages["dense"] = StageInfo("dense.onnx", m.stages["global"].inputs, m.stages["global"].outputs, 4.0)
         m.costs.dense = 4.0
 
     m = update_manifest(bundle_dir, add)
-    assert m.files["local.int8.onnx"].size == len(b"int8 graph")
+    assert m.files["backbone.int8.onnx"].size == len(b"int8 graph")
     b = load_bundle(bundle_dir)  # verifies the new files too
     assert b.has_stage("dense") and b.manifest.exit.thresholds["budget-1.0"]["thresholds"][1] == 3.5
-    assert b.manifest.precisions["int8"]["local"] == "local.int8.onnx" and b.manifest.costs.dense == 4.0
+    assert b.manifest.precisions["int8"]["backbone"] == "backbone.int8.onnx" and b.manifest.costs.dense == 4.0
     assert "int8: global global.onnx" in b.describe()
     assert sorted(p.name for p in bundle_dir.iterdir()) == sorted(
-        ["global.onnx", "policy.onnx", "local.onnx", "local.int8.onnx", "dense.onnx", MANIFEST_NAME])
+        ["global.onnx", "policy.onnx", "backbone.onnx", "head.onnx", "backbone.int8.onnx", "dense.onnx", MANIFEST_NAME])
     # a file changed behind the manifest's back is not blessed by the next update
     (bundle_dir / "dense.onnx").write_bytes(b"changed")
     with pytest.raises(BundleError, match="dense.onnx"):

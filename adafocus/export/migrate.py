@@ -19,7 +19,7 @@ from pathlib import Path
 
 import numpy as np
 
-from adafocus.bundle import MANIFEST_NAME, Manifest, checksum_files, write_manifest
+from adafocus.bundle import MANIFEST_NAME, Manifest, checksum_files, lock_bundle, write_manifest
 from adafocus.errors import BundleError, require
 
 FEATURES = "features"
@@ -87,15 +87,17 @@ def migrate_bundle(bundle_dir: str | Path, *, check_inputs: int = 8, seed: int =
         dropped = list(data.get("engines", {}))
         data["engines"] = {}
         data["format_version"] = 2  # costs and thresholds stay: the same steps cost and decide the same
-        for name in {n for pair in split_names.values() for n in pair}:
-            shutil.copy2(work / name, bundle_dir / f".{name}.migrating")
         manifest = Manifest.from_dict({**data, "files": {}})
-        for name in {n for pair in split_names.values() for n in pair}:
-            os.replace(bundle_dir / f".{name}.migrating", bundle_dir / name)
-        manifest.files = checksum_files(bundle_dir, manifest.referenced_files())
-        write_manifest(bundle_dir, manifest)
-        for name in files.values():
-            (bundle_dir / name).unlink(missing_ok=True)
+        new_files = {n for pair in split_names.values() for n in pair}
+        for name in new_files:
+            shutil.copy2(work / name, bundle_dir / f".{name}.migrating")
+        with lock_bundle(bundle_dir, exclusive=True):  # readers see the old bundle or the new, whole
+            for name in new_files:
+                os.replace(bundle_dir / f".{name}.migrating", bundle_dir / name)
+            manifest.files = checksum_files(bundle_dir, manifest.referenced_files())
+            write_manifest(bundle_dir, manifest)
+            for name in files.values():
+                (bundle_dir / name).unlink(missing_ok=True)
         say(f"{'migrated':<24} {bundle_dir} to bundle format 2" + (f"; TensorRT engines dropped ({', '.join(dropped)}):"
                                                                   " rebuild with adafocus build-engines"
                                                                   if dropped else ""))
