@@ -1,9 +1,24 @@
-"""Test helper: a random-weight tiny bundle with the demo data's classes, beside a small demo data set."""
+"""Test helpers: one torch thread; a random-weight tiny bundle with the demo data's classes, beside a small demo
+data set."""
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 from pathlib import Path
+
+
+@contextlib.contextmanager
+def one_torch_thread():
+    """torch on one thread for the block: tiny convs run several times faster so on a shared 2-core machine."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
 
 
 def random_demo_bundle(root: Path, model_seed: int, videos: int, data_seed: int) -> tuple[Path, Path]:

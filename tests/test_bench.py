@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
 import io
 import json
 import shutil
@@ -13,6 +12,7 @@ import numpy as np
 import pytest
 import torch
 import videos
+from bundles import one_torch_thread
 
 from adafocus.bench.batched import BatchedRunner
 from adafocus.bench.env import environment, format_environment
@@ -23,17 +23,6 @@ from adafocus.cli import main
 from adafocus.errors import AdaFocusError, BudgetError, CheckpointError, DataError, VideoError
 from adafocus.runtime.budget import Budget
 from adafocus.runtime.pipeline import Pipeline
-
-
-@contextlib.contextmanager
-def one_torch_thread():
-    """Tiny convs run several times faster on one thread on a shared 2-core machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")

@@ -2,27 +2,17 @@
 
 from __future__ import annotations
 
-import contextlib
 import shutil
 
 import numpy as np
 import pytest
 import torch
+from bundles import one_torch_thread
 
 from adafocus.bundle import STAGES, load_bundle
 from adafocus.errors import BundleError, EngineError
 from adafocus.runtime.engine_set import open_engines
 from adafocus.runtime.exits import first_exit, passes, threshold
-
-
-@contextlib.contextmanager
-def one_torch_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")

@@ -16,6 +16,7 @@ import numpy as np
 import onnx
 import pytest
 import torch
+from bundles import one_torch_thread
 
 from adafocus.bundle import load_bundle
 from adafocus.cli import export_main, main
@@ -36,11 +37,8 @@ TSM_SMALL = dict(family="tsm", num_classes=5, frame_size=64, resize_size=64, gla
 
 @pytest.fixture(scope="module", autouse=True)
 def _one_thread():
-    # 2 shared cores: torch's thread pool only adds contention for these batch-1 models
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+    with one_torch_thread():  # 2 shared cores: torch's thread pool only adds contention for batch-1 models
+        yield
 
 
 @pytest.fixture(scope="module")

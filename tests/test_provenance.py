@@ -11,6 +11,7 @@ from pathlib import Path, PureWindowsPath
 import pytest
 import torch
 import videos
+from bundles import one_torch_thread
 
 from adafocus.bundle import load_bundle, update_manifest
 from adafocus.cli import main
@@ -36,12 +37,9 @@ def _dense(cfg, seed: int, path: Path) -> Path:
 
 
 @pytest.fixture(scope="module", autouse=True)
-def one_torch_thread():
-    """Tiny convs run several times faster on one thread on a shared 2-core machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+def _one_thread():
+    with one_torch_thread():
+        yield
 
 
 @pytest.fixture(scope="module")

@@ -15,6 +15,7 @@ import pytest
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from bundles import one_torch_thread
 
 from adafocus.models.backbones import TemporalShift, temporal_shift
 from adafocus.models.config import ModelConfig
@@ -283,10 +284,8 @@ def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
 def _one_thread():
     """These convs are tiny: on a busy small machine a second intra-op thread costs more than it gains
     (measured here: 13 s for this file with one thread, 43 s with two under load)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+    with one_torch_thread():
+        yield
 
 
 @pytest.fixture(scope="module")
