@@ -101,7 +101,9 @@ class Pipeline:
         self.exits = list(bundle.manifest.costs.exits)
         self.dense = float(getattr(bundle.manifest.costs, "dense", 0.0) or 0.0) or None
         self.keep_decoded = False  # attach the decoded frames to results (for --save-vis)
-        self.chunk = 1  # focus steps per backbone call (see ``chunk_size``)
+        self.chunk = 1  # focus steps per backbone call (see ``set_chunk``)
+        # most videos per call of a stage in the batched mode (see ``scheduler``); {} batches every stage
+        self.stage_batch: dict[str, int] = {} if self.device != "cpu" else {"global": 1}
         self._on_gpu = self.device != "cpu"
         if self._on_gpu:
             from adafocus.runtime.crop import get_cropper
@@ -201,9 +203,18 @@ class Pipeline:
         return preprocess(frames_uint8, p.resize_size, p.frame_size, p.mean, p.std)
 
     # -------------------------------------------------------------------------------------- step loop
+    @property
+    def _lazy(self) -> bool:
+        """Whether candidates are preprocessed on first use (the CPU base family: glance frames are candidates)."""
+        return not self._on_gpu and self.family == "base" and self.pre.glance_positions is not None
+
     def scheduler(self) -> StepScheduler:
-        """A step scheduler over this pipeline's engines (its ``stats`` count the calls it made)."""
-        return StepScheduler(self.manifest, self.engines, self.criterion, self._xp)
+        """A step scheduler over this pipeline's engines (its ``stats`` count the calls it made).
+
+        On the CPU the glance runs one video per call: onnxruntime's CPU kernels for these small convs cost
+        more per video in a batch (measured on the 2-core dev CPU, demo glance: 3.24 ms a video one at a
+        time, 4.21 in batches of 8), while the backbone and head gain a little from batching."""
+        return StepScheduler(self.manifest, self.engines, self.criterion, self._xp, max_batch=self.stage_batch)
 
     def frame_source(self, frames: Any, glance_frames: Any = None) -> tuple[HostFrames, dict[str, float]]:
         """The step loop's frame source for normalised candidates ``[N, 3, S, S]`` (an array, or
@@ -213,7 +224,7 @@ class Pipeline:
 
         p, t = self.pre, {"upload": 0.0}
         if isinstance(frames, LazyFrames):
-            if not self._on_gpu and self.family == "base" and p.glance_positions is not None:
+            if self._lazy:
                 return LazyHostFrames(frames), t  # the CPU base loop reads the focus frames one by one
             lazy, before = frames, frames.ms
             frames = lazy.materialize()
@@ -248,9 +259,9 @@ class Pipeline:
         """Run one video (a path or an already decoded :class:`DecodedVideo`)."""
         b = budget if isinstance(budget, Budget) else self.budget(budget)
         is_path = isinstance(video, (str, os.PathLike))
-        start = time.perf_counter()
         decoded = self.decode(video) if is_path else video
-        flight = self._flight(decoded, b, decode_ms=decoded.decode_ms if is_path else 0.0, start=start)
+        # the clock starts after decode: its time is added from decode_ms (a path) or was spent elsewhere
+        flight = self._flight(decoded, b, decode_ms=decoded.decode_ms if is_path else 0.0)
         (done,) = list(self.scheduler().run([flight]))
         if done.error is not None:
             raise done.error
@@ -271,8 +282,9 @@ class Pipeline:
         if batch < 1:
             raise ConfigError(f"batch must be >= 1, got {batch}")
         b = budget if isinstance(budget, Budget) else self.budget(budget)
-        # one at a time: decode ahead, preprocess (lazily) here; batched: decode + preprocess ahead
-        load = self.decode if batch == 1 else self._decode_preprocessed
+        # decode ahead; the CPU base family preprocesses here, lazily (the glance frames, then each focus
+        # frame a step reads, about 11 of 16 on the demo); the others preprocess ahead too when batched
+        load = self.decode if batch == 1 or self._lazy else self._decode_preprocessed
         sched = self.scheduler()
         depth = max(prefetch, 2 * batch) if batch > 1 else prefetch
         with Prefetcher(list(videos), load, depth=depth, workers=workers) as queue:
@@ -319,7 +331,7 @@ class Pipeline:
         tick = time.perf_counter()
         frames = getattr(decoded, "preprocessed", None)
         if frames is None:
-            if p.glance_positions is not None and self.family == "base" and not self._on_gpu:
+            if self._lazy:
                 frames = LazyFrames(decoded.frames, p.resize_size, p.frame_size, p.mean, p.std,
                                     first=p.glance_positions)
             else:

@@ -242,11 +242,13 @@ class StepScheduler:
     and patches live on the GPU.
     """
 
-    def __init__(self, manifest, engines: dict[str, Any], criterion: str, xp=np):
+    def __init__(self, manifest, engines: dict[str, Any], criterion: str, xp=np,
+                 max_batch: dict[str, int] | None = None):
         self.pre = manifest.preprocessing
         self.engines = engines
         self.criterion = criterion
         self.xp = xp
+        self.max_batch = dict(max_batch or {})  # stage ("global", "policy", "local") -> most flights per call
         self.family = FAMILIES[manifest.family](manifest)
         self.stats = BatchStats()
 
@@ -287,21 +289,25 @@ class StepScheduler:
         for stage, key, step in (("global", "glance", self._glance), ("policy", "policy", self._policy),
                                  ("local", "local", self._local)):  # "local": backbone + head
             waiting = [f for f in flights if f.next_stage() == stage]
-            if not waiting:
-                continue
-            tick = time.perf_counter()
-            try:
-                crop_ms = step(waiting) or 0.0
-            except AdaFocusError as exc:  # this stage's call failed: its videos end with the error
-                for f in waiting:
-                    if not f.reason:
-                        f.reason, f.error = "error", exc
-                continue
-            ms = (time.perf_counter() - tick) * 1e3 - crop_ms
-            for f in waiting:
-                f.timings_ms[key] += ms / len(waiting)
-                if crop_ms:
-                    f.timings_ms["crop"] += crop_ms / len(waiting)
+            size = self.max_batch.get(stage) or len(waiting) or 1
+            for group in (waiting[i:i + size] for i in range(0, len(waiting), size)):
+                self._stage(step, key, group)
+
+    def _stage(self, step, key: str, group: list[Flight]) -> None:
+        """One stage's calls for ``group``; its wall time (engine and host work) is shared by the flights."""
+        tick = time.perf_counter()
+        try:
+            crop_ms = step(group) or 0.0
+        except AdaFocusError as exc:  # this stage's call failed: its videos end with the error
+            for f in group:
+                if not f.reason:
+                    f.reason, f.error = "error", exc
+            return
+        ms = (time.perf_counter() - tick) * 1e3 - crop_ms
+        for f in group:
+            f.timings_ms[key] += ms / len(group)
+            if crop_ms:
+                f.timings_ms["crop"] += crop_ms / len(group)
 
     # ------------------------------------------------------------------------------------------ stages
     def _call(self, stage: str, feeds: dict[str, Any], flights: list[Flight]) -> dict[str, Any]:
