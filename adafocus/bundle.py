@@ -402,6 +402,20 @@ def _check_stage_io(m: Manifest) -> None:
         expect(stage, "outputs", logits, slice(-1, None), [classes], "the number of labels")
     expect("backbone", "inputs", 0, slice(-3, None), [3, p.patch_size, p.patch_size],
            "preprocessing (3, patch_size, patch_size)")
+    # the head's inputs by name (the runtime feeds them so): features as the backbone makes them, and the
+    # base family's running state as wide as the glance context it is concatenated with
+    head = {t.name: t for t in m.stages["head"].inputs}
+    want = ("features", "state", "context", "step") if m.family == "base" else ("features", "context")
+    missing = [n for n in want if n not in head]
+    if missing:
+        raise SchemaError(f"stages.head.inputs lacks {', '.join(missing)} (the {m.family} family's head takes "
+                          f"{', '.join(want)})")
+    feats = next((t for t in m.stages["backbone"].outputs if t.name == "features"), None)
+    if feats is None or feats.shape[1:] != head["features"].shape[1:]:
+        raise SchemaError("stages.backbone.outputs must hold 'features' shaped as stages.head's 'features' input")
+    if m.family == "base" and (len(head["state"].shape) != 2 or head["state"].shape != head["context"].shape):
+        raise SchemaError(f"stages.head.inputs 'state' {head['state'].shape} must be [batch, D] like 'context' "
+                          f"{head['context'].shape}")
 
 
 def _check_threshold_entry(entry: Any, path: str, exits: int) -> None:

@@ -57,11 +57,6 @@ def parse_device(device: str | Device) -> Device:
     return Device(kind, int(index) if sep else 0)
 
 
-def canonical_device(device: str | Device) -> str:
-    """The canonical string of ``device`` (``cpu`` or ``cuda:N``); ConfigError when it does not parse."""
-    return str(parse_device(device))
-
-
 def require_device(device: str | Device) -> Device:
     """Parse ``device`` and, for CUDA, check that the driver reports that device; EngineError otherwise.
 

@@ -43,7 +43,8 @@ def _manifest() -> Manifest:
                             [t("actions", ["batch", 16, 4], "float32")], 0.01),
         "backbone": StageInfo("backbone.onnx", [t("patch", ["batch", 3, 32, 32], "float32")],
                               [t("features", ["batch", 16], "float32")], 0.15),
-        "head": StageInfo("head.onnx", [t("features", ["batch", 16], "float32"), t("step", ["batch"], "int64")],
+        "head": StageInfo("head.onnx", [t("features", ["batch", 16], "float32"), t("state", ["batch", 8], "float32"),
+                                        t("context", ["batch", 8], "float32"), t("step", ["batch"], "int64")],
                           [t("logits", ["batch", 5], "float32")], 0.05),
     }
     pre = Preprocessing(resize_size=64, frame_size=64, glance_size=64, mean=[0.5, 0.5, 0.5], std=[0.2, 0.2, 0.2],
@@ -81,7 +82,7 @@ def test_manifest_round_trip(bundle_dir):
     assert Manifest.from_dict(json.loads(json.dumps(m.to_dict()))).to_dict() == m.to_dict()
     assert json.loads(dumps(m.to_dict())) == m.to_dict()
     b = load_bundle(bundle_dir)
-    assert b.manifest.stages["head"].inputs[1] == TensorInfo("step", ["batch"], "int64")
+    assert b.manifest.stages["head"].inputs[3] == TensorInfo("step", ["batch"], "int64")
     assert b.manifest.training == {"kind": "test"} and b.manifest.exit.thresholds == {}
     assert b.stage_path("policy") == bundle_dir / "policy.onnx"
     assert not b.has_stage("dense")

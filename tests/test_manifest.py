@@ -67,6 +67,12 @@ CASES = [
     (lambda d: d["preprocessing"].update(patch_size=65), "does not match preprocessing (3, patch_size, patch_size)"),
     (lambda d: d.update(labels=d["labels"][:-1]), "does not match the number of labels"),
     (lambda d: d.update(sources={}), "unknown key sources (did you mean 'source'?)"),
+    (lambda d: d["stages"]["head"]["inputs"][1].update(shape=["batch", 128]),
+     "stages.head.inputs 'state' ['batch', 128] must be [batch, D] like 'context'"),
+    (lambda d: d["stages"]["head"].update(inputs=d["stages"]["head"]["inputs"][:1]),
+     "stages.head.inputs lacks state, context, step"),
+    (lambda d: d["stages"]["backbone"]["outputs"][0].update(name="feats"),
+     "stages.backbone.outputs must hold 'features'"),
 ]
 
 
@@ -124,6 +130,11 @@ def test_every_accepted_manifest_runs(bundle, edit):
 def test_engine_io_differing_from_the_manifest_is_refused(bundle):
     """The manifest is not checksummed: records that disagree with the (checksummed) ONNX files are caught
     when the engines are created, naming the stage and tensor."""
-    _edit(bundle, lambda d: d["stages"]["head"]["inputs"][1].update(shape=["batch", 128]))
-    with pytest.raises(BundleError, match="head.onnx.*input 'state' has shape"):
+    def narrower(d):  # consistent in the manifest (state as wide as context), not what head.onnx takes
+        for t in d["stages"]["head"]["inputs"]:
+            if t["name"] in ("state", "context"):
+                t["shape"] = ["batch", 128]
+
+    _edit(bundle, narrower)
+    with pytest.raises(BundleError, match="head.onnx.*input '(state|context)' has shape"):
         Pipeline.from_bundle(bundle, threads=1)

@@ -89,3 +89,21 @@ def test_migrate_refuses_what_it_cannot_do_exactly(tmp_path, capsys):
     err = capsys.readouterr().err
     assert exc.value.code == 1 and "re-export this tsm bundle" in err and err.count("\n") == 1
     assert sorted(p.name for p in old.iterdir()) == before  # nothing written
+
+
+@pytest.mark.parametrize("damage, message", [
+    (lambda d: (d / "global.onnx").write_bytes(b"changed" + (d / "global.onnx").read_bytes()[7:]),
+     "global.onnx does not match the checksum"),
+    (lambda d: d.joinpath(MANIFEST_NAME).write_text(json.dumps(
+        {k: v for k, v in json.loads(d.joinpath(MANIFEST_NAME).read_text()).items() if k != "costs"})),
+     "cannot migrate this bundle (KeyError"),
+])
+def test_a_damaged_format1_bundle_is_one_line_and_left_alone(tmp_path, capsys, damage, message):
+    old = _format1(tmp_path / "old")
+    damage(old)
+    before = {p.name: p.read_bytes() for p in old.iterdir()}
+    with pytest.raises(SystemExit) as exc:
+        main(["migrate", str(old)])
+    err = capsys.readouterr().err
+    assert exc.value.code == 1 and message in err and err.count("\n") == 1, err
+    assert {p.name: p.read_bytes() for p in old.iterdir()} == before

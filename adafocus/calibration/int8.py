@@ -44,6 +44,7 @@ import numpy as np
 from adafocus.calibration.collect import collect, collect_many, load_labelled
 from adafocus.calibration.report import GateReport, compare_caches
 from adafocus.errors import AdaFocusError, BundleError, require
+from adafocus.runtime.scheduler import host
 
 QUANTIZED_STAGES = ("global", "backbone")
 METHODS = ("minmax", "entropy", "percentile")
@@ -124,7 +125,7 @@ class _Recorder:
         self._feeds = feeds
 
     def run(self, feeds: dict[str, Any]) -> dict[str, Any]:
-        self._feeds.append({k: np.array(_host(v), copy=True) for k, v in feeds.items()})
+        self._feeds.append({k: np.array(host(v), copy=True) for k, v in feeds.items()})
         return self._engine.run(feeds)
 
     def __getattr__(self, name: str) -> Any:
@@ -423,11 +424,3 @@ def install_int8(bundle_dir: str | os.PathLike, tmp_files: dict[str, Path], prec
 
     update_manifest(bundle_dir, edit, install={names[stage]: tmp for stage, tmp in tmp_files.items()})
     return names
-
-
-def _host(x: Any) -> np.ndarray:
-    if isinstance(x, np.ndarray):
-        return x
-    if hasattr(x, "get"):  # cupy
-        return x.get()
-    return np.asarray(x)

@@ -1,6 +1,6 @@
 """The engine protocol: one small contract that every backend (onnxruntime, TensorRT, torch) implements.
 
-An engine runs one stage of the model (global, policy, local) with named inputs and outputs. The
+An engine runs one stage of the model (global, policy, backbone, head) with named inputs and outputs. The
 contract follows Polygraphy's runner (``polygraphy/backend/base/runner.py``): the base class owns the
 life cycle (``activate`` / ``run`` / ``close``) and the timing; a backend overrides only
 ``_activate_impl``, ``_run_impl`` and ``_close_impl``.

@@ -11,7 +11,6 @@ local stage are dropped (rebuild them with ``adafocus build-engines``).
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import tempfile
 from collections.abc import Callable
@@ -19,7 +18,16 @@ from pathlib import Path
 
 import numpy as np
 
-from adafocus.bundle import MANIFEST_NAME, Manifest, checksum_files, lock_bundle, write_manifest
+from adafocus.bundle import (
+    MANIFEST_NAME,
+    Manifest,
+    _installing,
+    _safe_name,
+    checksum_files,
+    lock_bundle,
+    sha256_file,
+    write_manifest,
+)
 from adafocus.errors import BundleError, require
 
 FEATURES = "features"
@@ -48,6 +56,7 @@ def migrate_bundle(bundle_dir: str | Path, *, check_inputs: int = 8, seed: int =
     if data.get("family") != "base":
         raise BundleError(f"{path}: only base-family bundles migrate exactly; re-export this {data.get('family')} "
                           "bundle with adafocus-export from its checkpoint")
+    _verify_format1(bundle_dir, data)
     local = data["stages"].pop("local")
     work = Path(tempfile.mkdtemp(prefix=".migrate.", dir=bundle_dir))
     try:
@@ -55,7 +64,10 @@ def migrate_bundle(bundle_dir: str | Path, *, check_inputs: int = 8, seed: int =
                                            if "local" in f and f["local"] != local["file"]}}
         split_names: dict[str, tuple[str, str]] = {}
         for key, name in files.items():
-            model = onnx.load(str(bundle_dir / name))
+            try:
+                model = onnx.load(str(bundle_dir / name))
+            except Exception as exc:  # noqa: BLE001 - protobuf's DecodeError and friends: not an ONNX file
+                raise BundleError(f"{bundle_dir / name}: not a readable ONNX file ({type(exc).__name__})") from None
             backbone, head = split_local(model)
             stem = name[:-len(".onnx")] if name.endswith(".onnx") else name
             names = (stem.replace("local", "backbone", 1), stem.replace("local", "head", 1))
@@ -88,24 +100,40 @@ def migrate_bundle(bundle_dir: str | Path, *, check_inputs: int = 8, seed: int =
         data["engines"] = {}
         data["format_version"] = 2  # costs and thresholds stay: the same steps cost and decide the same
         manifest = Manifest.from_dict({**data, "files": {}})
-        new_files = {n for pair in split_names.values() for n in pair}
-        for name in new_files:
-            shutil.copy2(work / name, bundle_dir / f".{name}.migrating")
-        with lock_bundle(bundle_dir, exclusive=True):  # readers see the old bundle or the new, whole
-            for name in new_files:
-                os.replace(bundle_dir / f".{name}.migrating", bundle_dir / name)
+        new_files = {n: work / n for pair in split_names.values() for n in pair}
+        # readers see the old bundle or the new, whole; a failure before the manifest is written puts back
+        # any file the split replaced
+        with lock_bundle(bundle_dir, exclusive=True), _installing(bundle_dir, new_files):
             manifest.files = checksum_files(bundle_dir, manifest.referenced_files())
             write_manifest(bundle_dir, manifest)
-            for name in files.values():
-                (bundle_dir / name).unlink(missing_ok=True)
+        for name in files.values():
+            (bundle_dir / name).unlink(missing_ok=True)
         say(f"{'migrated':<24} {bundle_dir} to bundle format 2" + (f"; TensorRT engines dropped ({', '.join(dropped)}):"
                                                                   " rebuild with adafocus build-engines"
                                                                   if dropped else ""))
+    except (KeyError, TypeError, ValueError, AttributeError) as exc:  # a damaged format-1 manifest or graph
+        if isinstance(exc, BundleError):
+            raise
+        raise BundleError(f"{path}: cannot migrate this bundle ({type(exc).__name__}: {exc}); re-export it with "
+                          "adafocus-export") from None
     finally:
         shutil.rmtree(work, ignore_errors=True)
-        for leftover in bundle_dir.glob(".*.migrating"):
-            leftover.unlink(missing_ok=True)
     return bundle_dir
+
+
+def _verify_format1(bundle_dir: Path, data: dict) -> None:
+    """Every file a format-1 manifest lists matches its recorded sha256 (a migration re-hashes them, so it
+    must not bless a changed file)."""
+    try:
+        entries = {name: (e["sha256"], int(e["size"])) for name, e in data["files"].items()}
+    except (KeyError, TypeError, ValueError, AttributeError):
+        raise BundleError(f"{bundle_dir}: the format-1 manifest has no valid files table; re-export the bundle") \
+            from None
+    for name, (digest, size) in entries.items():
+        path = bundle_dir / _safe_name(name)
+        if not path.is_file() or path.stat().st_size != size or sha256_file(path) != digest:
+            raise BundleError(f"bundle file {name} does not match the checksum its manifest recorded: it was "
+                              "changed or truncated; not migrated (re-export the bundle)")
 
 
 def split_local(model):

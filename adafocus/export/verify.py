@@ -172,7 +172,7 @@ def _rounded(d: dict) -> dict:
 def ort_engines(bundle: Bundle | str | Path, files: dict[str, str] | None = None) -> dict[str, Any]:
     """One onnxruntime CPU engine per stage, opened by the runtime's engine factory
     (:func:`adafocus.runtime.engine_set.open_engines`: real I/O checked against the manifest): the bundle's
-    global, policy and local files, or ``files`` (stage -> file, relative to the bundle). ``bundle``: a
+    stage files, or ``files`` (stage -> file, relative to the bundle). ``bundle``: a
     :class:`Bundle` (its manifest may be one not written yet) or a bundle directory (checksums not verified).
     Close them when done."""
     from adafocus.runtime.engine_set import open_engines

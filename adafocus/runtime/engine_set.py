@@ -1,7 +1,7 @@
 """One factory for a bundle's stage engines: the pipeline, the INT8 gate, the exporter's verification, the
 benchmark's and calibration's dense baseline all open stages here.
 
-    name, engines = open_engines(bundle, engine="auto", device="cpu")          # global, policy, local
+    name, engines = open_engines(bundle, engine="auto", device="cpu")          # global, policy, backbone, head
     name, dense = open_engines(bundle, "ort", stages=("dense",))               # the dense baseline alone
 
 What it decides, in one place: which engine runs (``resolve_engine``), which files a precision runs
@@ -39,7 +39,7 @@ def open_engines(bundle: Bundle | str | os.PathLike, engine: str = "auto", devic
 
     ``bundle``: a loaded :class:`Bundle` (or a bundle directory, loaded with its checksums verified).
     ``engine``: ``auto`` or a registered name (``ort``, ``ort-cuda``, ``ort-tensorrt``, ``tensorrt``, ``torch``);
-    ``device``: ``cpu`` or ``cuda[:N]`` (checked here). ``stages``: default global, policy, local; ``dense``
+    ``device``: ``cpu`` or ``cuda[:N]`` (checked here). ``stages``: default global, policy, backbone, head; ``dense``
     opens the dense baseline (``dense.onnx``; with ``torch``, alone, from the dense ``checkpoint``).
     ``threads``: onnxruntime intra-op threads. ``precision``: the stage files to run, the bundle's own (None)
     or one recorded under ``manifest.precisions`` (ONNX engines only; an unknown one is a BundleError).

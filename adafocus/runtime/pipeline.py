@@ -24,8 +24,9 @@ from adafocus.bundle import Bundle, load_bundle
 from adafocus.device import parse_device, require_device
 from adafocus.errors import AdaFocusError, ConfigError, VideoError
 from adafocus.runtime.budget import Budget, make_budget
+from adafocus.runtime.engine_set import close_engines
 from adafocus.runtime.sampling import segment_indices
-from adafocus.runtime.scheduler import DeviceFrames, Flight, HostFrames, LazyHostFrames, StepScheduler, host
+from adafocus.runtime.scheduler import DeviceFrames, Flight, HostFrames, LazyHostFrames, StepScheduler
 
 VIDEO_SUFFIXES = (".mp4", ".avi", ".mov", ".mkv", ".webm", ".m4v", ".mpg", ".mpeg", ".wmv")
 
@@ -146,14 +147,17 @@ class Pipeline:
             bundle = load_bundle(path, verify=verify)
             name, engines = open_engines(bundle, engine, device, threads=threads, precision=precision,
                                          checkpoint=checkpoint, cuda_graphs=cuda_graphs)
-        pipe = cls(bundle, engines, name, device, criterion)
-        pipe.precision = precision or bundle.manifest.precision
-        pipe.set_chunk(chunk)
+        try:
+            pipe = cls(bundle, engines, name, device, criterion)
+            pipe.precision = precision or bundle.manifest.precision
+            pipe.set_chunk(chunk)
+        except BaseException:
+            close_engines(engines)  # a bad chunk, or cupy missing for a GPU device, leaves nothing open
+            raise
         return pipe
 
     def close(self) -> None:
-        for e in self.engines.values():
-            e.close()
+        close_engines(self.engines)
 
     def __enter__(self) -> Pipeline:
         return self
@@ -229,15 +233,16 @@ class Pipeline:
             lazy, before = frames, frames.ms
             frames = lazy.materialize()
             t["preprocess"] = lazy.ms - before
-        if glance_frames is None:
-            if p.glance_positions is None:
-                raise ValueError("this bundle's glance frames are sampled separately: pass glance_frames")
-            glance_frames = frames[np.asarray(p.glance_positions)]
+        if glance_frames is None and p.glance_positions is None:
+            raise ValueError("this bundle's glance frames are sampled separately: pass glance_frames")
         if not self._on_gpu:
-            return HostFrames(frames, glance_frames), t
+            glance = frames[np.asarray(p.glance_positions)] if glance_frames is None else glance_frames
+            return HostFrames(frames, glance), t
         tick = time.perf_counter()
         xp = self._xp
-        source = DeviceFrames(xp.asarray(frames), xp.asarray(glance_frames), self._crop, xp)
+        candidates = xp.asarray(frames)  # uploaded once; the glance frames are gathered on the device
+        glance = candidates[xp.asarray(p.glance_positions)] if glance_frames is None else xp.asarray(glance_frames)
+        source = DeviceFrames(candidates, glance, self._crop, xp)
         t["upload"] = (time.perf_counter() - tick) * 1e3
         return source, t
 
@@ -296,8 +301,7 @@ class Pipeline:
                         yield path, err if isinstance(err, AdaFocusError) else AdaFocusError(f"{path}: {err}")
                         continue
                     try:
-                        yield self._flight(item.result, b, background_ms=item.result.decode_ms,
-                                           start=time.perf_counter())
+                        yield self._flight(item.result, b, background_ms=item.result.decode_ms)
                     except AdaFocusError as exc:
                         yield path, exc
 
@@ -340,10 +344,11 @@ class Pipeline:
             glance_frames, candidates = frames[:p.num_glance], frames[p.num_glance:]
         else:
             glance_frames, candidates = None, frames
-        pre_ms = (time.perf_counter() - tick) * 1e3 + getattr(decoded, "preprocess_ms", 0.0)
+        pre_ms = (time.perf_counter() - tick) * 1e3
         source, t = self.frame_source(candidates, glance_frames)
         flight = Flight(str(decoded.path), source, budget, chunk=self.chunk,
-                        meta=_Meta(decoded, decode_ms, background_ms, start, pre_ms))
+                        meta=_Meta(decoded, decode_ms, background_ms, start, pre_ms,
+                                   getattr(decoded, "preprocess_ms", None)))
         flight.timings_ms.update(t)
         return flight
 
@@ -360,9 +365,11 @@ class Pipeline:
                    "preprocess": meta.pre_ms + trace.timings_ms.get("preprocess", 0.0)}  # + focus frames done lazily
         if meta.background_ms is not None:
             timings["decode_background"] = meta.background_ms
+        if meta.background_pre_ms is not None:  # the batched mode preprocessed in the prefetch thread
+            timings["preprocess_background"] = meta.background_pre_ms
         timings["total"] = total
         timings["other"] = max(0.0, total - sum(v for k, v in timings.items()
-                                                if k not in ("total", "decode_background")))
+                                                if k not in ("total", "decode_background", "preprocess_background")))
         probs = _softmax(np.stack(trace.logits))  # [exits taken, C]
         prob = probs[-1]
         order = np.argsort(-prob)[:max(1, topk)]
@@ -437,7 +444,8 @@ class _Meta:
     decode_ms: float  # decode time paid in the foreground
     background_ms: float | None  # decode time paid in a prefetch thread (None: decoded in the foreground)
     start: float  # perf_counter when the video's work began here
-    pre_ms: float  # preprocessing before the loop
+    pre_ms: float  # preprocessing before the loop, here
+    background_pre_ms: float | None = None  # preprocessing done in a prefetch thread (the batched mode)
 
 
 def _trace(f: Flight) -> Trace:
@@ -483,9 +491,6 @@ def _videos_in(directory: Path) -> list[str]:
     except PermissionError:
         raise VideoError(f"{directory}: permission denied") from None
     return sorted(str(f) for f in entries if f.suffix.lower() in VIDEO_SUFFIXES)
-
-
-_host = host  # engine outputs as numpy (cupy, OrtValue, torch)
 
 
 def _softmax(x: np.ndarray) -> np.ndarray:

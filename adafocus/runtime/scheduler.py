@@ -17,6 +17,7 @@ Two small strategies keep the loop free of branches on where frames live and on 
 
 from __future__ import annotations
 
+import functools
 import time
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
@@ -24,14 +25,12 @@ from typing import Any
 
 import numpy as np
 
-from adafocus.bundle import Preprocessing
+from adafocus.bundle import STAGES, Preprocessing
 from adafocus.errors import AdaFocusError
 from adafocus.runtime.budget import Budget
 from adafocus.runtime.crop import crop_planned, plan_crop
 from adafocus.runtime.exits import confidence, passes
 from adafocus.runtime.sampling import crop_boxes, focus_positions
-
-STAGES = ("global", "policy", "backbone", "head")
 
 
 # ------------------------------------------------------------------------------------------ sources
@@ -79,11 +78,6 @@ class LazyHostFrames(HostFrames):
     def patch(self, k: int, position: int, boxes: np.ndarray, pre: Preprocessing) -> np.ndarray:
         return crop_planned(self.lazy.frame(position)[None], self._plan, k, 0)
 
-    def patches(self, positions: np.ndarray, boxes: np.ndarray, pre: Preprocessing) -> np.ndarray:
-        from adafocus.runtime.crop import crop_cpu
-
-        return crop_cpu(np.stack([self.lazy.frame(int(i)) for i in positions]), boxes, pre.patch_size)
-
     @property
     def preprocess_ms(self) -> float:
         """Preprocessing done by the focus steps (the glance frames' share was paid before the loop)."""
@@ -123,7 +117,6 @@ class Flight:
     positions: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64))
     boxes: np.ndarray = field(default_factory=lambda: np.zeros((0, 4), np.float32))
     glance_out: dict[str, Any] | None = None  # this video's rows of the glance outputs, until the policy ran
-    pending: list[Any] = field(default_factory=list)  # backbone features of steps computed, not yet headed
     computed: int = 0  # backbone calls' worth of steps run (>= steps taken when a chunk ran past the exit)
     chunk: int = 1  # steps per backbone call
     context: Any = None
@@ -159,7 +152,8 @@ class BaseFamily:
     def __init__(self, manifest):
         self.pre = manifest.preprocessing
         self.steps = len(manifest.costs.exits) - 1
-        self.state_dim = int(manifest.stages["head"].inputs[1].shape[1])
+        state = next(t for t in manifest.stages["head"].inputs if t.name == "state")  # checked by check_manifest
+        self.state_dim = int(state.shape[1])
 
     def start(self, flight: Flight, xp) -> None:
         flight.state = xp.zeros((1, self.state_dim), np.float32)
@@ -248,7 +242,7 @@ class StepScheduler:
         self.engines = engines
         self.criterion = criterion
         self.xp = xp
-        self.max_batch = dict(max_batch or {})  # stage ("global", "policy", "local") -> most flights per call
+        self.max_batch = dict(max_batch or {})  # step ("global", "policy", "local") -> most flights per call
         self.family = FAMILIES[manifest.family](manifest)
         self.stats = BatchStats()
 
@@ -362,38 +356,33 @@ class StepScheduler:
             self.family.start(f, xp)
 
     def _local(self, flights: list[Flight]) -> float:
-        """Focus steps: one backbone call for the next chunk of every flight without pending features,
-        then head calls, one step of every flight with features at a time, until those are used up or the
-        flights exit (features of steps after an exit were computed, and are charged, but not used).
-        Returns the crop time (ms)."""
+        """Focus steps: one backbone call for the next chunk of every flight, then head calls, one step of
+        every flight at a time, until the chunks are used up or the flights exit (features of steps after an
+        exit were computed, and are charged, but not used). Returns the crop time (ms), lazy preprocessing of
+        the focus frames left out (it is the frame source's ``preprocess_ms``)."""
         fam, xp = self.family, self.xp
-        need = [f for f in flights if not f.pending]
-        crop_ms = 0.0
-        if need:
-            tick = time.perf_counter()
-            sizes = [self._chunk(f) for f in need]
-            rows = [fam.patches(f, n, xp) for f, n in zip(need, sizes, strict=True)]
-            crop_ms = (time.perf_counter() - tick) * 1e3
-            self.stats.crop_ms += crop_ms
-            patches = rows[0] if len(rows) == 1 else xp.concatenate(rows)
-            features = self._call("backbone", {fam.patch_input: patches}, need)["features"]
-            start = 0
-            for f, n in zip(need, sizes, strict=True):
-                f.pending = [features[i:i + 1] for i in range(start, start + n)]
-                f.computed += n
-                start += n
-        going = [f for f in flights if f.pending and not f.reason]
+        tick = time.perf_counter()
+        lazy_before = sum(f.source.preprocess_ms for f in flights)
+        sizes = [self._chunk(f) for f in flights]
+        rows = [fam.patches(f, n, xp) for f, n in zip(flights, sizes, strict=True)]
+        crop_ms = (time.perf_counter() - tick) * 1e3 - (sum(f.source.preprocess_ms for f in flights) - lazy_before)
+        self.stats.crop_ms += crop_ms
+        patches = rows[0] if len(rows) == 1 else xp.concatenate(rows)
+        features = self._call("backbone", {fam.patch_input: patches}, flights)["features"]
+        pending, start = {}, 0
+        for f, n in zip(flights, sizes, strict=True):
+            pending[id(f)] = [features[i:i + 1] for i in range(start, start + n)]
+            f.computed += n
+            start += n
+        going = flights
         while going:
-            feeds = fam.head_feed(going, [f.pending.pop(0) for f in going], xp)
+            feeds = fam.head_feed(going, [pending[id(f)].pop(0) for f in going], xp)
             out = self._call("head", feeds, going)
             fam.absorb(going, out)
             logits = _host(out["logits"])
             for i, f in enumerate(going):
                 self._exit(f, logits[i])
-            going = [f for f in going if f.pending and not f.reason]
-        for f in flights:
-            if f.reason:
-                f.pending = []
+            going = [f for f in going if pending[id(f)] and not f.reason]
         return crop_ms
 
     def _chunk(self, f: Flight) -> int:
@@ -403,15 +392,11 @@ class StepScheduler:
         return max(1, min(f.chunk, left))
 
 # ------------------------------------------------------------------------------------------ helpers
-_STEP_FEEDS: dict[int, np.ndarray] = {}
-
-
+@functools.lru_cache(maxsize=256)
 def _step_feed(k: int) -> np.ndarray:
-    """The local stage's ``step`` input for step k (made once: it is fed every step of every video)."""
-    a = _STEP_FEEDS.get(k)
-    if a is None:
-        a = _STEP_FEEDS[k] = np.array([k], np.int64)
-        a.setflags(write=False)
+    """The head's ``step`` input for step k (made once: it is fed every step of every video)."""
+    a = np.array([k], np.int64)
+    a.setflags(write=False)
     return a
 
 
