@@ -40,10 +40,11 @@ from typing import Any
 
 import numpy as np
 
+from adafocus.bundle import STAGES
 from adafocus.device import require_device
 from adafocus.errors import AdaFocusError
 
-ENGINE_STAGES = ("global", "policy", "backbone", "head")
+ENGINE_STAGES = STAGES  # the bundle's stages, in run order
 STAGE_ORDER = ("decode", "preprocess", "upload", "glance", "policy", "crop", "local", "local_step", "dense",
                "overhead", "model", "total")
 DEFAULT_ENGINES = {"cpu": ("ort", "torch"), "cuda": ("ort-cuda", "ort-tensorrt", "tensorrt", "torch")}
