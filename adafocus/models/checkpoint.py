@@ -114,7 +114,7 @@ def load(path: str | Path, preset: str | None = None, num_classes: int | None = 
                               f"{' '.join(str(exc).split())[:200]})") from None
     check_fit(skeleton, state, where)
     model = build_model(cfg)
-    load_strict(model, state, where)
+    model.load_state_dict(state, strict=True)  # fits: checked on the skeleton above
     return model.eval()
 
 
@@ -172,7 +172,7 @@ def weights_sha256(weights: torch.nn.Module | Mapping[str, torch.Tensor]) -> str
         t = t.detach().to("cpu").contiguous().reshape(-1)
         head = f"{name}\0{str(t.dtype).removeprefix('torch.')}\0{list(state[name].shape)}\0{t.numel()}\0"
         h.update(head.encode())
-        h.update(t.view(torch.uint8).numpy().tobytes())
+        h.update(t.view(torch.uint8).numpy())  # the tensor's buffer, not a copy of it
     return h.hexdigest()
 
 
