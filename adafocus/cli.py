@@ -448,12 +448,24 @@ def run_cmd(
                               "(results then come in the order videos finish)."),
     chunk: str = typer.Option("auto", "--chunk", help="Focus steps per backbone call: N, or auto (1 on the CPU, "
                               "all steps on a GPU); a hard --budget cuts a chunk to the steps that fit."),
+    stream: bool = typer.Option(False, "--stream", help="Treat the video files as live streams, replayed at their "
+                                "own frame rate (a result per window)."),
+    window: float = typer.Option(None, "--window", help="Live streams: seconds of stream a result looks at "
+                                 "(default: the model's clip)."),
+    stride: float = typer.Option(None, "--stride", help="Live streams: seconds between results (default: the window)."),
+    reconnect: int = typer.Option(3, "--reconnect", help="Live streams: reconnect tries with backoff (0: give up)."),
+    timeout: float = typer.Option(10.0, "--timeout", help="Live streams: open and read timeout in seconds."),
 ):
     """Run videos through a bundle: glance, policy, patches, early exit under the budget."""
     from adafocus.runtime.pipeline import Pipeline, expand_videos
+    from adafocus.runtime.stream import is_stream_source, run_streams
 
     bundle = model or _default_bundle()
-    paths = expand_videos(videos) if videos else _default_videos()  # VideoError for a dir or glob with no video
+    live = stream or any(is_stream_source(v) for v in videos or [])
+    if live:
+        paths = list(videos or [])
+    else:
+        paths = expand_videos(videos) if videos else _default_videos()  # VideoError for a dir or glob without video
     with Pipeline.from_bundle(bundle, engine=engine, device=device, threads=threads,
                               checkpoint=checkpoint, chunk=chunk) as pipe:
         plan = pipe.budget(budget, average)  # a malformed or too small budget fails here, before any video
@@ -464,6 +476,9 @@ def run_cmd(
                        f" {kind} (<= {plan.max_steps} focus steps"
                        + (f", thresholds calibrated for {plan.calibrated_for:.4g})" if plan.thresholds else
                           ", no calibrated thresholds: no early exit)"), err=True)
+        if live:
+            return run_streams(pipe, paths, plan, window=window, stride=stride, reconnect=reconnect,
+                               timeout=timeout, replay=stream, topk=topk, as_json=as_json)
         results, failures = _run_videos(pipe, paths, plan, topk, as_json, save_vis, batch)
     if not as_json:
         _print_table(results)
@@ -517,6 +532,15 @@ def _print_table(results) -> None:
         table.add_row(Path(r.video).name, r.label, f"{r.score:.3f}", f"{r.exit_step} ({r.exit_reason})",
                       f"{r.gflops:.4g}", f"{r.budget_gflops:.4g}", f"{r.timings_ms['total']:.1f}")
     Console(width=120).print(table)
+
+
+def _register_scale_out() -> None:
+    from adafocus.scale.cli import register
+
+    register(app)
+
+
+_register_scale_out()
 
 
 # ------------------------------------------------------------------------------------- entry points

@@ -314,6 +314,14 @@ class Pipeline:
                     yield done.key, self._result(done, topk)
         self.last_stats = sched.stats
 
+    def stream(self, source: str | int, window: float | None = None, stride: float | None = None,
+               budget: str | float | Budget | None = None, topk: int = 5, **options) -> Iterator[Any]:
+        """Results of a live ``source`` (a stream URL, a camera index, or a file replayed live), one per window
+        of ``window`` seconds every ``stride`` seconds (see :mod:`adafocus.runtime.stream`)."""
+        from adafocus.runtime.stream import stream
+
+        return stream(self, source, window=window, stride=stride, budget=budget, topk=topk, **options)
+
     def _decode_preprocessed(self, path: str | os.PathLike):
         """Decode and preprocess one video (in a background thread, for the batched mode)."""
         decoded = self.decode(path)
