@@ -11,13 +11,12 @@ Two small strategies keep the loop free of branches on where frames live and on 
 
 - a frame source (:class:`HostFrames`, :class:`LazyHostFrames`, :class:`DeviceFrames`) gives the glance
   input and cuts patches (on the host with a crop plan made once per video, or on the GPU);
-- a family (:class:`BaseFamily`: K steps of one patch with a running classifier state; :class:`TsmFamily`:
-  one step of all K patches) builds the local stage's feed and reads its output.
+- a family (:mod:`adafocus.runtime.families`: base, K steps of one patch with a running classifier state;
+  TSM, one step of all K patches) builds the local stage's feed and reads its output.
 """
 
 from __future__ import annotations
 
-import functools
 import time
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
@@ -30,6 +29,7 @@ from adafocus.errors import AdaFocusError
 from adafocus.runtime.budget import Budget
 from adafocus.runtime.crop import crop_planned, plan_crop
 from adafocus.runtime.exits import confidence, passes
+from adafocus.runtime.families import FAMILIES, cat_rows
 from adafocus.runtime.sampling import crop_boxes, focus_positions
 
 
@@ -138,70 +138,6 @@ class Flight:
         if not self.logits:
             return "global"
         return "policy" if self.glance_out is not None else "local"
-
-
-# ------------------------------------------------------------------------------------------ families
-class BaseFamily:
-    """K focus steps of one patch each; the classifier's running state goes from step to step.
-
-    The backbone takes any number of patches, so a chunk of a video's next steps (and the chunks of every
-    video in flight) goes through it in one call; the head then runs step by step on the features."""
-
-    patch_input = "patch"
-
-    def __init__(self, manifest):
-        self.pre = manifest.preprocessing
-        self.steps = len(manifest.costs.exits) - 1
-        state = next(t for t in manifest.stages["head"].inputs if t.name == "state")  # checked by check_manifest
-        self.state_dim = int(state.shape[1])
-
-    def start(self, flight: Flight, xp) -> None:
-        flight.state = xp.zeros((1, self.state_dim), np.float32)
-        flight.source.prepare(flight.boxes, self.pre)
-
-    def patches(self, f: Flight, n: int, xp) -> Any:
-        """The patches of the flight's next ``n`` steps ``[n, 3, P, P]``."""
-        k0 = f.steps
-        rows = [f.source.patch(k, int(f.positions[k]), f.boxes, self.pre) for k in range(k0, k0 + n)]
-        return rows[0] if n == 1 else xp.concatenate(rows)
-
-    def head_feed(self, flights: list[Flight], features: list[Any], xp) -> dict[str, Any]:
-        if len(flights) == 1:
-            f = flights[0]
-            return {"features": features[0], "state": f.state, "context": f.context, "step": _step_feed(f.steps)}
-        return {"features": _cat(features, xp), "state": _cat([f.state for f in flights], xp),
-                "context": _cat([f.context for f in flights], xp),
-                "step": np.array([f.steps for f in flights], np.int64)}
-
-    def absorb(self, flights: list[Flight], out: dict[str, Any]) -> None:
-        new_state = out["new_state"]
-        for i, f in enumerate(flights):
-            f.state = new_state if len(flights) == 1 else new_state[i:i + 1]
-
-
-class TsmFamily:
-    """One focus step that takes all K patches (one box per video): the backbone sees the clip."""
-
-    patch_input = "patches"
-
-    def __init__(self, manifest):
-        self.pre = manifest.preprocessing
-        self.steps = 1
-
-    def start(self, flight: Flight, xp) -> None:
-        pass
-
-    def patches(self, f: Flight, n: int, xp) -> Any:
-        return f.source.patches(f.positions, f.boxes, self.pre)[None]  # [1, K, 3, P, P]
-
-    def head_feed(self, flights: list[Flight], features: list[Any], xp) -> dict[str, Any]:
-        return {"features": _cat(features, xp), "context": _cat([f.context for f in flights], xp)}
-
-    def absorb(self, flights: list[Flight], out: dict[str, Any]) -> None:
-        pass
-
-
-FAMILIES = {"base": BaseFamily, "tsm": TsmFamily}
 
 
 # --------------------------------------------------------------------------------------------- stats
@@ -342,7 +278,7 @@ class StepScheduler:
             g = flights[0].glance_out
             feeds = {"fmap": g["fmap"], "vec": g["vec"]}
         else:
-            feeds = {k: _cat([f.glance_out[k] for f in flights], xp) for k in ("fmap", "vec")}
+            feeds = {k: cat_rows([f.glance_out[k] for f in flights], xp) for k in ("fmap", "vec")}
         out = self._call("policy", feeds, flights)
         actions, weights = _host(out["actions"]), _host(out["weights"])
         positions = focus_positions(weights, p.candidates, p.num_focus, clamp=p.focus_clamp)
@@ -392,21 +328,6 @@ class StepScheduler:
         return max(1, min(f.chunk, left))
 
 # ------------------------------------------------------------------------------------------ helpers
-@functools.lru_cache(maxsize=256)
-def _step_feed(k: int) -> np.ndarray:
-    """The head's ``step`` input for step k (made once: it is fed every step of every video)."""
-    a = np.array([k], np.int64)
-    a.setflags(write=False)
-    return a
-
-
-def _cat(rows: list[Any], xp) -> Any:
-    """Concatenate per-video ``[1, ...]`` rows (host or device arrays) along the batch axis."""
-    if all(isinstance(r, np.ndarray) for r in rows):
-        return np.concatenate(rows)
-    return xp.concatenate([xp.asarray(r) for r in rows])
-
-
 def host(x: Any) -> np.ndarray:
     """A numpy array of an engine output (numpy, cupy, OrtValue or torch)."""
     if isinstance(x, np.ndarray):
