@@ -1,8 +1,9 @@
 """Checkpoints: adafocus's own format, and official Uni-AdaFocus checkpoints (given a preset).
 
 Our format is a dict ``{'format': 'adafocus', 'format_version', 'preset', 'config', 'state_dict', ...}``.
-Official checkpoints (``{'epoch', 'state_dict', 'optimizer', 'best_acc1'|'best_prec1', ...}``) were saved from
-DDP, so keys carry ``module.``; their unused ImageNet heads are dropped. Everything else loads strictly, and a
+Official checkpoints (``{'epoch', 'state_dict', 'optimizer', 'best_acc1'|'best_prec1', ...}``, the TSM and X3D
+ones with ``arch`` and ``scaler`` too) were saved from DDP, so keys carry ``module.``; their unused ImageNet heads
+are dropped (the X3D family has none: its X3D heads are the exit-1 logits). Everything else loads strictly, and a
 mismatch is reported as one readable block of missing / unexpected / shape-mismatched keys.
 """
 
@@ -18,9 +19,9 @@ from pathlib import Path
 import torch
 
 from adafocus.errors import CheckpointError
+from adafocus.models import build_model
 from adafocus.models.config import ModelConfig
 from adafocus.models.presets import get_preset, preset_config
-from adafocus.models.uniadafocus import build_model
 
 FORMAT = "adafocus"
 FORMAT_VERSION = 1
@@ -28,7 +29,8 @@ FORMAT_VERSION = 1
 IGNORED_PREFIXES = ("global_CNN.classifier.", "local_CNN.fc.")
 # where the class count can be read in an official checkpoint, per family
 CLASS_KEYS = ("classifier.local_classifiers.0.1.weight", "global_CNN_fc.1.weight", "global_CNN.new_fc.weight",
-              "local_CNN.new_fc.weight", "aux_fc.weight")
+              "local_CNN.new_fc.weight", "aux_fc.weight", "global_CNN.head.projection.weight",
+              "global_CNN_head.3.weight", "aux_head.0.weight")
 
 
 def save(model: torch.nn.Module, path: str | Path, preset: str | None = None, extra: dict | None = None) -> Path:

@@ -10,7 +10,9 @@ from adafocus.errors import ConfigError
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
-FAMILIES = ("base", "tsm")
+FAMILIES = ("base", "tsm", "x3d")
+# X3D variants the x3d family builds (adafocus.models.x3d.X3D_ARCHS holds their width/depth factors)
+X3D_ARCH_NAMES = ("x3d_s", "x3d_l", "x3d_tiny")
 
 
 @dataclass
@@ -20,6 +22,10 @@ class ModelConfig:
     ``base`` is the ActivityNet/FCVID/Mini-Kinetics design: N candidate frames, every (N/Tg)-th one glanced,
     K focus frames drawn from the temporal policy, one patch per focus frame, one exit per step.
     ``tsm`` is the Something-Something/Jester design: one crop per video and two exits (glance, full).
+    ``x3d`` is the Kinetics-400 design: X3D-S glance on Tg frames resized to ``glance_size``, X3D-L on K
+    patches of one box per video (view), drawn from ``num_segments`` candidates sampled apart from the glance
+    frames; two exits. ``glance_arch`` / ``local_arch`` name the X3D variants (``x3d_s``, ``x3d_l``,
+    ``x3d_tiny``).
     """
 
     family: str = "base"
@@ -77,6 +83,10 @@ class ModelConfig:
         for k in ("dropout", "fc_dropout"):
             if not 0 <= getattr(self, k) <= 1:
                 errors.append(f"{k} must lie in [0, 1]")
+        if self.family == "x3d":
+            bad = [a for a in (self.glance_arch, self.local_arch) if a not in X3D_ARCH_NAMES]
+            if bad:
+                errors.append(f"the x3d family builds {', '.join(X3D_ARCH_NAMES)}, not {', '.join(map(repr, bad))}")
         if self.family == "base" and self.num_glance >= 1 and self.num_segments % self.num_glance:
             errors.append("num_segments must be a multiple of num_glance")
         if self.num_focus > self.candidates:
@@ -92,8 +102,8 @@ class ModelConfig:
 
     @property
     def candidates(self) -> int:
-        """Candidate frames the focus frames are drawn from (base: the N loaded; tsm: 3K)."""
-        return self.num_segments if self.family == "base" else 3 * self.num_focus
+        """Candidate frames the focus frames are drawn from (base, x3d: the N loaded; tsm: 3K)."""
+        return 3 * self.num_focus if self.family == "tsm" else self.num_segments
 
     @property
     def feature_size(self) -> int:
@@ -106,7 +116,7 @@ class ModelConfig:
 
     @property
     def patches_per_step(self) -> int:
-        """Patches the local engine consumes per step: 1 (base) or all K at once (tsm)."""
+        """Patches the local engine consumes per step: 1 (base) or all K at once (tsm, x3d)."""
         return 1 if self.family == "base" else self.num_focus
 
     def label_names(self) -> list[str]:

@@ -2,7 +2,13 @@
 
 A forward hook on every Conv/Linear records its multiply-adds while each stage runs on one video; the batched
 per-step head of the classifier (a gather + matmul, not an nn.Linear call) is counted from its weights.
-Bias adds, BatchNorm and activations are not counted, as in upstream's tables.
+Bias adds, BatchNorm and activations are not counted, as in upstream's tables; nor are pooling means, the
+glance resize, X3D's squeeze-excitation scaling (its two 1x1x1 convs are) or the crop.
+
+X3D (``x3d-p128-16x32``): upstream's ``ops/early_exit_unifocus_X3D.py`` charges exit 0 with X3D-S alone, its own
+head included (2.415453), and leaves the exit-0 MLP head out ("No classifier"); here the MLP head that exit 0
+reads is counted too (0.0150 GFLOPs, its last Linear once on the frame-averaged hidden layer), so exit 0 is
+2.4304 (+0.62%) and exit 1 8.7926 against upstream's 8.778 (+0.17%).
 """
 
 from __future__ import annotations
@@ -14,9 +20,9 @@ from dataclasses import asdict, dataclass, field
 import torch
 import torch.nn as nn
 
+from adafocus.models import build_model
 from adafocus.models.config import ModelConfig
 from adafocus.models.presets import preset_config
-from adafocus.models.uniadafocus import build_model
 from adafocus.runtime.sampling import glance_positions
 
 G = 1e9
@@ -115,23 +121,26 @@ def count_model_flops(model: nn.Module, preset: str | None = None) -> FlopsRepor
         parts["local encoder (per patch)"] = encoder / G
         parts["local classifier (per step)"] = (local_count.total() - encoder + head_macs) / G
         step = (local_count.total() + head_macs) / G
-    else:
+    else:  # tsm, x3d: one step on the clip of K patches; the backbone and head stages counted apart
         k = cfg.num_focus
-        with MacCounter(model) as local_count:
-            model.local(torch.randn(1, k, 3, p, p), context)
-        encoder = local_count.total("local_CNN.")
-        parts["local encoder (per patch)"] = encoder / k / G
-        parts["local classifier (per step)"] = (local_count.total() - encoder) / G
-        step = local_count.total() / G
+        with MacCounter(model) as backbone_count:
+            features = model.backbone(torch.randn(1, k, 3, p, p))
+        with MacCounter(model) as head_count:
+            model.head(features, context)
+        parts["local encoder (per patch)"] = backbone_count.total() / k / G
+        parts["local classifier (per step)"] = head_count.total() / G
+        step = (backbone_count.total() + head_count.total()) / G
     glance = glance_count.total() / G
     policy = policy_count.total() / G
     n_steps = cfg.num_exits - 1
     exits = [glance] + [glance + policy + i * step for i in range(1, n_steps + 1)]
-    # dense baseline: the local backbone on whole frames (TSM: a clip of K frames, since it shifts across them)
+    # dense baseline: the local backbone on whole frames (TSM: a clip of K frames, since it shifts across them;
+    # X3D: X3D-L with its own head on a clip of K frames, [1, 3, K, S, S], the cost linear in the frames)
     backbone = getattr(model.local_CNN, "base_model", model.local_CNN)
     clip = 1 if cfg.family == "base" else cfg.num_focus
+    dense_input = torch.randn(1, 3, clip, s, s) if cfg.family == "x3d" else torch.randn(clip, 3, s, s)
     with MacCounter(backbone) as dense_count:
-        backbone(torch.randn(clip, 3, s, s))
+        backbone(dense_input)
     per_frame = dense_count.total() / clip
     dense = per_frame * cfg.candidates / G
     parts["dense baseline (per frame)"] = per_frame / G

@@ -36,6 +36,17 @@ for _p, _k in ((96, 8), (96, 12), (128, 12), (128, 16)):
              ModelConfig(family="tsm", num_classes=174, num_segments=3 * _k, num_glance=8, num_focus=_k,
                          patch_size=_p, dropout=0.5, fc_dropout=0.5))
 
+register("x3d-p128-16x32", "Uni-AdaFocus-X3D (Kinetics-400): X3D-S glance on 16 frames at 160 px + X3D-L on 32 "
+         "patches (one box a view) of 96 candidates, patch 128, 2 exits; 400 classes",
+         ModelConfig(family="x3d", num_classes=400, glance_size=160, num_segments=96, num_glance=16, num_focus=32,
+                     patch_size=128, glance_arch="x3d_s", local_arch="x3d_l", dropout=0.5, fc_dropout=0.5))
+
+register("x3d-tiny", "test model of the X3D family: tiny X3Ds (8..64 channels, 7 blocks) on 96 px frames, glance "
+         "4 frames at 64 px, 4 patches of 64 px (boxes 48..96) from 12 candidates; 2 exits; 5 classes",
+         ModelConfig(family="x3d", num_classes=5, frame_size=96, resize_size=110, glance_size=64, num_segments=12,
+                     num_glance=4, num_focus=4, patch_size=64, crop_min=48, crop_max=96, glance_arch="x3d_tiny",
+                     local_arch="x3d_tiny", stn_hidden_dim=16, temporal_hidden_dim=8, dropout=0.5, fc_dropout=0.5))
+
 register("tiny", "demo/test model: MobileNetV2-0.25 glance at 64 px + ResNet-18/16 on 64 px patches, 16 "
          "candidates, 8 glance + 8 focus, frames 128 px; about 11 MFLOPs a step; 10 classes",
          ModelConfig(family="base", num_classes=10, frame_size=128, resize_size=128, glance_size=64,
