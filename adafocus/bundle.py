@@ -293,7 +293,7 @@ class Manifest:
         return len(self.costs.exits)
 
 
-FAMILIES = ("base", "tsm")  # model families the runtime knows
+FAMILIES = ("base", "tsm", "x3d")  # model families the runtime knows
 MAX_DECODED_BYTES = 2**30  # decoded RGB frames of one video (upstream's presets: 9.4 MB)
 PRECISIONS = ("fp32", "fp16")  # precisions of a bundle's own stage files
 
