@@ -46,7 +46,7 @@ class BatchConfig:
     actors: int = 1  # actor pool size on Ray
     cpus_per_actor: float = 1.0
     gpus_per_actor: float = 0.0
-    task_size: int = 8  # videos per map_batches call (the unit Ray retries)
+    task_size: int = 32  # most videos per map_batches call (the unit Ray retries after a fault)
     fmt: str = "parquet"
     part_rows: int = 500  # rows per output part file
     stall_timeout: float = 600.0  # seconds without a finished batch before the job is stopped
@@ -75,6 +75,8 @@ class BatchSummary:
     seconds: float  # this run's wall time after start-up (Ray's start excluded), to the last row written
     startup_s: float  # time to start or join Ray (0 in-process)
     videos_per_s: float
+    first_rows_s: float | None  # from the start to the first rows written (workers starting, bundle opened)
+    steady_videos_per_s: float | None  # videos/s after the first rows (the workers' rate once they are up)
     rows: int  # rows in out, all runs
     errors: int  # error rows in out
     mean_gflops: float | None  # over the ok rows in out
@@ -114,7 +116,7 @@ def run_batch(config: BatchConfig, log: Log | None = None,
         start = time.perf_counter()
         finished: set[str] = set()
         run_rows: list[dict] = []
-        rerun = 0
+        rerun, first = 0, None
         for attempt in range(2):  # the second pass runs ids missing after the first (should be none)
             left = [it for it in todo if it.id not in finished]
             if not left:
@@ -127,26 +129,32 @@ def run_batch(config: BatchConfig, log: Log | None = None,
                 finished.update(r["id"] for r in rows)
                 writer.add(rows)
                 run_rows += rows
+                if first is None:
+                    first = (time.perf_counter() - start, len(run_rows))
                 if progress:
                     progress(len(finished), len(todo))
         writer.flush()
         seconds = time.perf_counter() - start
     missing = len(todo) - len(finished)
-    summary = _summary(config, session, run_rows, skipped, seconds, writer, rerun)
+    summary = _summary(config, session, run_rows, skipped, seconds, writer, rerun, first)
     write_summary(config.out, summary.to_dict())
     if missing:
         raise AdaFocusError(f"{missing} videos have no row after a re-run; run the same command again to resume")
     return summary
 
 
-def _summary(config, session, run_rows, skipped, seconds, writer, rerun) -> BatchSummary:
+def _summary(config, session, run_rows, skipped, seconds, writer, rerun, first) -> BatchSummary:
     rows = read_rows(config.out)
+    steady = None
+    if first is not None and seconds > first[0] and len(run_rows) > first[1]:
+        steady = round((len(run_rows) - first[1]) / (seconds - first[0]), 3)
     ok = [r for r in rows if r["status"] == "ok"]
     labelled = [r for r in ok if r["truth"] is not None]
     return BatchSummary(
         backend=session.name, processed=len(run_rows), skipped=skipped,
         failed=sum(r["status"] != "ok" for r in run_rows), seconds=round(seconds, 3),
         startup_s=round(session.startup_s, 3), videos_per_s=round(len(run_rows) / seconds, 3) if seconds > 0 else 0.0,
+        first_rows_s=round(first[0], 3) if first else None, steady_videos_per_s=steady,
         rows=len(rows), errors=len(rows) - len(ok),
         mean_gflops=sum(r["gflops"] for r in ok) / len(ok) if ok else None,
         accuracy=sum(bool(r["correct"]) for r in labelled) / len(labelled) if labelled else None,
@@ -237,9 +245,12 @@ class _RaySession:
         if c.gpus_per_actor > 0 and runner.device == "cpu":
             runner = RunnerOptions(**{**asdict(runner), "device": "cuda"})  # Ray sets CUDA_VISIBLE_DEVICES
         records = [{k: getattr(it, k) for k in INPUT_COLUMNS} for it in items]
-        # one block per task: Ray schedules, and retries after an actor's death, a block at a time
-        ds = ray.data.from_items(records, override_num_blocks=max(1, math.ceil(len(records) / c.task_size)))
-        ds = ds.map_batches(RowClassifier, fn_constructor_kwargs={"options": runner}, batch_size=c.task_size,
+        # one block per task: Ray schedules, and retries after an actor's death, a block at a time; at most
+        # task_size videos a block, and at least 4 blocks per actor (while there are videos), so all actors work
+        blocks = max(math.ceil(len(records) / c.task_size), min(len(records), 4 * c.actors))
+        size = math.ceil(len(records) / blocks)
+        ds = ray.data.from_items(records, override_num_blocks=math.ceil(len(records) / size))
+        ds = ds.map_batches(RowClassifier, fn_constructor_kwargs={"options": runner}, batch_size=size,
                             batch_format="pyarrow", compute=ray.data.ActorPoolStrategy(size=c.actors),
                             num_cpus=c.cpus_per_actor, num_gpus=c.gpus_per_actor or None)
         yield from _watched((b.to_pylist() for b in ds.iter_batches(batch_size=None, batch_format="pyarrow")),

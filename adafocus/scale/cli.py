@@ -41,7 +41,8 @@ def register(app: typer.Typer) -> None:
         threads: int = typer.Option(None, "--threads", help="CPU threads per engine (default on Ray: "
                                     "--cpus-per-actor; in-process: onnxruntime's)."),
         fmt: str = typer.Option("parquet", "--format", help="parquet or jsonl."),
-        task_size: int = typer.Option(8, "--task-size", help="Videos per Ray task (the unit retried after a fault)."),
+        task_size: int = typer.Option(32, "--task-size", help="Most videos per Ray task (the unit retried after a "
+                                       "fault)."),
         stall_timeout: float = typer.Option(600.0, "--stall-timeout", help="Stop when no task finishes for this "
                                             "many seconds (the rows written are kept)."),
         as_json: bool = typer.Option(False, "--json", help="Print the summary as JSON."),

@@ -57,13 +57,17 @@ def connect(mode: str, log: Callable[[str], None] | None = None) -> Iterator[Ray
     if log and owned:
         log(f"ray: {'joined ' + address if address and address != 'local' else 'started a local instance'} "
             f"in {session.startup_s:.1f} s ({_resources(ray)})")
-    quiet = logging.getLogger("ray.data")
-    level = quiet.level
-    quiet.setLevel(logging.ERROR)
+    import ray.data  # noqa: F401 - imported first: it sets its logger's level on import
+
+    quiet = {name: logging.getLogger(name) for name in ("ray.data", "ray.serve")}
+    levels = {name: logger.level for name, logger in quiet.items()}
+    for logger in quiet.values():
+        logger.setLevel(logging.WARNING if logger.name == "ray.serve" else logging.ERROR)
     try:
         yield session
     finally:
-        quiet.setLevel(level)
+        for name, logger in quiet.items():
+            logger.setLevel(levels[name])
         if owned:
             ray.shutdown()
 

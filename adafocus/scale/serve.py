@@ -42,6 +42,7 @@ class ServeConfig:
     max_body_mb: float = 64.0
     budget: str | None = None
     max_batch: int = 8  # requests per scheduler run
+    max_ongoing: int = 64  # requests a replica accepts at once (more wait in the proxy)
     batch_wait_s: float = 0.005  # how long a replica waits for more requests to batch
     threads: int | None = None  # engine threads (default: cpus_per_replica)
     cpus_per_replica: float = 1.0
@@ -241,7 +242,7 @@ def start(config: ServeConfig) -> str:
                               "request_timeout_s": config.timeout_s + 30})
     deployment = serve.deployment(
         Classifier, name="classifier", num_replicas=config.replicas,
-        max_ongoing_requests=max(2 * config.max_batch, 16),
+        max_ongoing_requests=max(config.max_ongoing, config.max_batch),
         ray_actor_options={"num_cpus": config.cpus_per_replica, "num_gpus": config.gpus_per_replica})
     serve.run(deployment.bind(config), name=APP_NAME, route_prefix="/", blocking=False,
               logging_config={"enable_access_log": False, "log_level": "WARNING"})
