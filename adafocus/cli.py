@@ -14,7 +14,7 @@ from pathlib import Path
 
 import typer
 
-from adafocus.errors import AdaFocusError
+from adafocus.errors import AdaFocusError, ConfigError
 
 app = typer.Typer(
     add_completion=False,
@@ -200,6 +200,52 @@ def inspect_cmd(
                 typer.echo(check_readiness(b.stage_path(stage)).format())
         except (ImportError, MissingDependency) as exc:
             typer.echo(f"readiness  not checked: {exc}")
+    _echo_profiles(b)
+
+
+def _echo_profiles(b) -> None:
+    from adafocus.runtime.profile import profile_paths, read_profile
+
+    paths = profile_paths(b.path)
+    if not paths:
+        typer.echo("profiles   none (`adafocus profile BUNDLE` measures this device's stage times)")
+    for path in paths:
+        try:
+            prof = read_profile(path, b.manifest)
+        except AdaFocusError as exc:
+            typer.echo(f"profile    {path.name}: not usable: {exc}")
+            continue
+        ms = ", ".join(sorted(prof.thresholds)) or "none"
+        typer.echo(f"profile    {prof.describe()}: glance only {prof.measured.get('glance_only_ms', 0):.3f} ms, "
+                   f"full {prof.measured.get('full_ms', 0):.3f} ms, measured {prof.created}; "
+                   f"time-calibrated averages: {ms}")
+
+
+@app.command("profile")
+def profile_cmd(
+    bundle: Path = typer.Argument(..., help="Bundle directory (the profile is written into it)."),
+    engine: str = typer.Option("auto", "--engine", "-e", help="auto, ort, ort-cuda, ort-tensorrt, tensorrt."),
+    device: str = typer.Option("cpu", "--device", "-d", help="cpu or cuda[:N]."),
+    threads: int = typer.Option(None, "--threads", help="CPU threads per engine (default: onnxruntime's)."),
+    precision: str = typer.Option(None, "--precision", help="Which stage files: the bundle's own, or e.g. int8."),
+    batches: str = typer.Option("1,2,4,8", "--batches", help="Batch sizes to time each stage at."),
+    seconds: float = typer.Option(0.6, "--seconds", help="Seconds of timed calls per stage and batch size."),
+):
+    """Measure every stage's p50/p90 time per batch size and the fixed costs on this device, for budgets in
+    milliseconds (--budget 25ms) and --chunk auto; writes profiles/<key>.json inside the bundle."""
+    from adafocus.bench.profile import measure_profile
+
+    try:
+        sizes = [int(x) for x in batches.split(",") if x.strip()]
+    except ValueError:
+        raise ConfigError(f"--batches must be comma separated integers, got {batches!r}") from None
+    if seconds <= 0:
+        raise ConfigError(f"--seconds must be positive, got {seconds}")
+    prof, path = measure_profile(bundle, engine=engine, device=device, threads=threads, precision=precision,
+                                 batches=sizes, seconds=seconds, log=typer.echo)
+    typer.echo(f"glance only {prof.measured['glance_only_ms']:.3f} ms, every step {prof.measured['full_ms']:.3f} ms "
+               f"a video (p50, decode excluded)")
+    typer.echo(f"wrote {path}")
 
 
 @app.command("migrate")
@@ -260,7 +306,8 @@ def calibrate_thresholds_cmd(
     data: Path = typer.Option(..., "--data", help="Labelled data: <split>.csv files (video,label), e.g. from "
                               "`adafocus demo-data`."),
     budgets: str = typer.Option(None, "--budgets", help="Average GFLOPs per video, comma separated (e.g. "
-                                "0.05,0.06,0.08) [default: 6 between the exit-0 and the full cost]."),
+                                "0.05,0.06,0.08) [default: 6 between the exit-0 and the full cost], or average "
+                                "model times (e.g. 10ms,20ms: needs `adafocus profile` of this device)."),
     calib_split: str = typer.Option("val", "--calib-split", help="Split the thresholds are solved on."),
     heldout_split: str = typer.Option("test", "--heldout-split", help="Split they are evaluated on ('none': "
                                       "skip)."),
@@ -279,10 +326,28 @@ def calibrate_thresholds_cmd(
                                   "[default: the bundle's own]."),
     as_json: bool = typer.Option(False, "--json", help="Print the table as JSON."),
 ):
-    """Solve exit thresholds for average-GFLOPs budgets on labelled videos and store them in the bundle."""
+    """Solve exit thresholds for average budgets on labelled videos: GFLOPs (stored in the manifest), or
+    times such as 10ms,20ms (solved with this device's profile as the cost model, stored in that profile)."""
     from adafocus.calibration.thresholds import calibrate_thresholds
+    from adafocus.calibration.time_targets import calibrate_time_targets, is_time_budgets
 
     held = None if heldout_split.lower() in ("", "none") else heldout_split
+    if is_time_budgets(budgets):
+        if merge or plot is not None or cache_dir is not None or max_gflops is not None:
+            raise ConfigError("--merge, --plot, --cache-dir and --max-gflops are for GFLOPs budgets, not times")
+        with _progress_callback("videos", not as_json) as progress:
+            timed = calibrate_time_targets(bundle, data, budgets, calib_split=calib_split, heldout_split=held,
+                                           criterion=criterion, max_videos=max_videos, engine=engine, device=device,
+                                           threads=threads, precision=precision, write=not dry_run,
+                                           log=None if as_json else (lambda s: typer.echo(s, err=True)),
+                                           progress=progress)
+        if as_json:
+            _echo_json(timed.to_dict())
+            return 0
+        typer.echo(timed.format())
+        typer.echo(f"profile    {len(timed.targets)} time targets written to {timed.written}" if timed.written
+                   else "profile    unchanged (--dry-run)")
+        return 0
     with _progress_callback("videos", not as_json) as progress:
         result = calibrate_thresholds(bundle, data, budgets, calib_split=calib_split, heldout_split=held,
                                       criterion=criterion, max_gflops=max_gflops, max_videos=max_videos,
@@ -455,6 +520,10 @@ def run_cmd(
     stride: float = typer.Option(None, "--stride", help="Live streams: seconds between results (default: the window)."),
     reconnect: int = typer.Option(3, "--reconnect", help="Live streams: reconnect tries with backoff (0: give up)."),
     timeout: float = typer.Option(10.0, "--timeout", help="Live streams: open and read timeout in seconds."),
+    explain: bool = typer.Option(False, "--explain", help="Print the plan: the profile used, the chunks chosen "
+                                 "and the predicted time per step."),
+    includes_decode: bool = typer.Option(False, "--deadline-includes-decode", help="A time budget (--budget "
+                                         "25ms) counts the video's decode too."),
 ):
     """Run videos through a bundle: glance, policy, patches, early exit under the budget."""
     from adafocus.runtime.pipeline import Pipeline, expand_videos
@@ -468,14 +537,15 @@ def run_cmd(
         paths = expand_videos(videos) if videos else _default_videos()  # VideoError for a dir or glob without video
     with Pipeline.from_bundle(bundle, engine=engine, device=device, threads=threads,
                               checkpoint=checkpoint, chunk=chunk) as pipe:
-        plan = pipe.budget(budget, average)  # a malformed or too small budget fails here, before any video
+        plan = pipe.budget(budget, average, includes_decode)  # a bad or too small budget fails here
         pipe.keep_decoded = save_vis is not None
         if not as_json:
-            kind = "on average" if plan.average else "per video"
-            typer.echo(f"bundle {bundle} | engine {pipe.engine_name} on {pipe.device} | budget {plan.gflops:.4g} GFLOPs"
-                       f" {kind} (<= {plan.max_steps} focus steps"
-                       + (f", thresholds calibrated for {plan.calibrated_for:.4g})" if plan.thresholds else
-                          ", no calibrated thresholds: no early exit)"), err=True)
+            typer.echo(f"bundle {bundle} | engine {pipe.engine_name} on {pipe.device} | {_budget_line(plan)}", err=True)
+            cost = pipe.cost_model(required=False)
+            if cost is not None:
+                typer.echo(f"profile {cost.profile.describe()}", err=True)
+        if explain:
+            _explain(pipe, plan)
         if live:
             return run_streams(pipe, paths, plan, window=window, stride=stride, reconnect=reconnect,
                                timeout=timeout, replay=stream, topk=topk, as_json=as_json)
@@ -485,6 +555,33 @@ def run_cmd(
     for path, err in failures:
         typer.echo(f"error: {path}: {err}" if str(path) not in str(err) else f"error: {err}", err=True)
     return 1 if failures else 0
+
+
+def _budget_line(plan) -> str:
+    kind = "on average" if plan.average else "per video"
+    calibrated = (f", thresholds calibrated for {plan.calibrated_ms:.4g} ms" if plan.calibrated_ms is not None else
+                  f", thresholds calibrated for {plan.calibrated_for:.4g} GFLOPs" if plan.thresholds else
+                  ", no calibrated thresholds: no early exit")
+    if plan.ms is not None:
+        what = f"{plan.ms:.4g} ms on average" if plan.average else f"a deadline of {plan.ms:.4g} ms per video"
+        decode = ", decode included" if plan.includes_decode else ""
+        return f"budget {what}{decode} (<= {plan.max_steps} focus steps{calibrated})"
+    return f"budget {plan.gflops:.4g} GFLOPs {kind} (<= {plan.max_steps} focus steps{calibrated})"
+
+
+def _explain(pipe, plan) -> None:
+    from adafocus.runtime.plan import explain, fixed_plan
+
+    cost = pipe.cost_model(required=False)
+    if cost is None:
+        typer.echo(f"plan: no profile for {pipe.engine_name} {pipe.precision} on {pipe.device} (threads "
+                   f"{pipe.threads or 'default'}): fixed chunk {pipe.chunk}; `adafocus profile` measures one", err=True)
+        return
+    chosen = pipe.plan(plan) or fixed_plan(cost, pipe.chunk, list(plan.exit_fractions or []) or None)
+    if not pipe.chunk_auto:
+        typer.echo(f"plan: --chunk {pipe.chunk} fixed (auto would plan the chunks from the profile)", err=True)
+    for line in explain(chosen, cost, plan):
+        typer.echo(line, err=True)
 
 
 def _default_videos() -> list[str]:
@@ -530,7 +627,8 @@ def _print_table(results) -> None:
         table.add_column(col, justify="left" if col in ("video", "label") else "right")
     for r in results:
         table.add_row(Path(r.video).name, r.label, f"{r.score:.3f}", f"{r.exit_step} ({r.exit_reason})",
-                      f"{r.gflops:.4g}", f"{r.budget_gflops:.4g}", f"{r.timings_ms['total']:.1f}")
+                      f"{r.gflops:.4g}", f"{r.budget_ms:g} ms" if r.budget_ms is not None else f"{r.budget_gflops:.4g}",
+                      f"{r.timings_ms['total']:.1f}")
     Console(width=120).print(table)
 
 

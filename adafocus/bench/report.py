@@ -47,7 +47,7 @@ def results_table(report: dict[str, Any]):
     table = Table(box=None, title="adafocus bench (ms/video: mean; e2e = with decode, model = without)",
                   title_justify="left")
     cols = ("engine", "precision", "model", "status", "accuracy", "GFLOPs", "ms/video e2e", "ms/video model",
-            "videos/s", "speedup", "GFLOPs ratio", "overhead", "peak RSS MB")
+            "predicted", "videos/s", "speedup", "GFLOPs ratio", "overhead", "peak RSS MB")
     for col in cols:
         table.add_column(col, justify="left" if col in ("engine", "precision", "model", "status") else "right")
     for r in report["results"]:
@@ -58,7 +58,7 @@ def results_table(report: dict[str, Any]):
             continue
         table.add_row(
             r["engine"], r["precision"], model, "ok", _fmt(r["accuracy"], ".1%"), _fmt(r["gflops"], ".4g"),
-            _fmt(r["ms_e2e"]), _fmt(r["ms_model"]), _fmt(r["videos_per_s"], ".1f"),
+            _fmt(r["ms_e2e"]), _fmt(r["ms_model"]), _fmt(r.get("predicted_ms")), _fmt(r["videos_per_s"], ".1f"),
             _fmt(r["speedup_model"], ".2f") + ("x" if r["speedup_model"] else ""),
             _fmt(r["gflops_ratio"], ".2f") + ("x" if r["gflops_ratio"] else ""),
             _fmt(r["overhead_pct"], ".1f") + ("%" if r["overhead_pct"] is not None else ""),

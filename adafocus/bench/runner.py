@@ -43,6 +43,7 @@ import numpy as np
 from adafocus.bundle import STAGES
 from adafocus.device import require_device
 from adafocus.errors import AdaFocusError
+from adafocus.runtime.budget import parse_ms
 
 ENGINE_STAGES = STAGES  # the bundle's stages, in run order
 STAGE_ORDER = ("decode", "preprocess", "upload", "glance", "policy", "crop", "local", "local_step", "dense",
@@ -155,6 +156,14 @@ class BenchRow:
     peak_rss_mb: float | None = None
     gpu_memory_mb: float | None = None
     dense_precision: str | None = None
+    # with a device profile: the mean predicted model ms of what the videos ran, against ms_model; with a
+    # time budget also the p95 model ms over the budget and, of the videos the deadline stopped, how many and
+    # the least share of the budget one used
+    budget_ms: float | None = None
+    predicted_ms: float | None = None
+    p95_over_budget: float | None = None
+    deadline_stops: int | None = None
+    deadline_min_used: float | None = None
     labels: dict[str, str] = field(default_factory=dict, repr=False)  # video -> predicted label (first repeat)
 
     def to_dict(self) -> dict:
@@ -297,6 +306,9 @@ class _Model:
     gflops: list[float] = field(default_factory=list)
     exits: list[int] = field(default_factory=list)
     peak: float | None = None
+    budget_ms: float | None = None
+    predicted: list[float] = field(default_factory=list)
+    deadline_used: list[float] = field(default_factory=list)  # model ms / budget of the videos stopped by it
 
 
 def engine_list(config: BenchConfig) -> list[str]:
@@ -402,7 +414,8 @@ def run_benchmark(config: BenchConfig, log: Log | None = print) -> dict[str, Any
     bundle = load_bundle(config.bundle, verify=True)
     m = bundle.manifest
     for text in config.budgets:  # a malformed or too small budget fails here, before anything is measured
-        budget_gflops(m, text)
+        if parse_ms(text) is None:  # a time budget is checked against the profile when the pipeline opens
+            budget_gflops(m, text)
     if config.labels:  # labels of another class list would give 0% accuracy without a word
         unknown = sorted(set(config.labels.values()) - set(m.labels))
         if unknown:
@@ -518,10 +531,11 @@ def _bench_engine(config: BenchConfig, engine: str, precision: str, main_precisi
     dense_engine = None
     try:
         models: list[_Model] = []
+        pipe.cost_model(required=False)  # with this device's profile, rows predict their ms too
         for text in config.budgets:
-            budget = pipe.budget(budget_gflops(pipe.manifest, text))
+            budget = pipe.budget(text if parse_ms(text) is not None else budget_gflops(pipe.manifest, text))
             models.append(_Model("adafocus", text, lambda path, b=budget: _adafocus_sample(pipe, path, b),
-                                 budget.gflops))
+                                 budget.gflops, budget_ms=budget.ms))
         dense_reason = None
         if config.dense:
             try:
@@ -544,6 +558,10 @@ def _bench_engine(config: BenchConfig, engine: str, precision: str, main_precisi
                         model.labels.setdefault(path, out.label)
                         model.gflops.append(out.gflops)
                         model.exits.append(out.exit_step)
+                        if out.predicted_ms is not None:
+                            model.predicted.append(out.predicted_ms)
+                        if out.exit_reason == "deadline":
+                            model.deadline_used.append(sample["model"] / model.budget_ms)
                     else:
                         model.labels.setdefault(path, out)
         gpu_mb = gpu_memory_mb() if config.device != "cpu" else None
@@ -602,6 +620,14 @@ def _row(model: _Model, engine: str, precision: str, config: BenchConfig, pipe, 
     if model.name == "adafocus":
         row.gflops = round(statistics.fmean(model.gflops), 6)
         row.mean_exit_step = round(statistics.fmean(model.exits), 3)
+        if model.predicted:
+            row.predicted_ms = round(statistics.fmean(model.predicted), 3)
+        if model.budget_ms is not None:
+            row.budget_ms = model.budget_ms
+            p95 = float(np.percentile([s["model"] for s in model.samples], 95))
+            row.p95_over_budget = round(p95 / model.budget_ms, 4)
+            row.deadline_stops = len(model.deadline_used)
+            row.deadline_min_used = round(min(model.deadline_used), 4) if model.deadline_used else None
     else:
         row.gflops = _dense_gflops(pipe.manifest)
     if config.labels:
@@ -640,6 +666,11 @@ def _summary(row: BenchRow) -> str:
     what = "dense" if row.model == "dense" else f"adafocus @ {row.budget}"
     text = (f"  {what:<18} {row.ms_e2e:8.2f} ms/video e2e, {row.ms_model:8.2f} model-only, "
             f"{row.gflops or 0:.4g} GFLOPs, overhead {row.overhead_pct or 0:.1f}%")
+    if row.predicted_ms is not None:
+        text += f", predicted {row.predicted_ms:.2f} ms"
+    if row.budget_ms is not None:
+        text += (f", p95/budget {row.p95_over_budget:.2f}, {row.deadline_stops} stopped by the deadline"
+                 + (f" (least share used {row.deadline_min_used:.0%})" if row.deadline_stops else ""))
     if row.speedup_model:
         text += (f", speedup {row.speedup_model:.2f}x (w/o preprocess {row.speedup_compute or 0:.2f}x; GFLOPs "
                  f"ratio {row.gflops_ratio or 0:.2f}x)")

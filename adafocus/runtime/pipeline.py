@@ -23,7 +23,7 @@ import numpy as np
 from adafocus.bundle import Bundle, load_bundle
 from adafocus.device import parse_device, require_device
 from adafocus.errors import AdaFocusError, ConfigError, VideoError
-from adafocus.runtime.budget import Budget, make_budget
+from adafocus.runtime.budget import Budget, make_budget, parse_ms
 from adafocus.runtime.engine_set import close_engines
 from adafocus.runtime.sampling import segment_indices
 from adafocus.runtime.scheduler import DeviceFrames, Flight, HostFrames, LazyHostFrames, StepScheduler
@@ -50,7 +50,7 @@ class VideoResult:
     score: float  # softmax probability of the label at the exit step
     topk: list[tuple[str, float]]
     exit_step: int  # 0 = after the glance; k = after the k-th focus step
-    exit_reason: str  # "confident", "budget" (next step would not fit), "last" (all steps ran)
+    exit_reason: str  # "confident", "budget" (next step would not fit), "last" (all steps ran), "deadline"
     confidence: float  # the exit criterion's score at the exit step
     frames_used: list[int]  # video frame numbers the model saw (glance + focus frames)
     patches: list[Patch]
@@ -61,7 +61,9 @@ class VideoResult:
     steps: list[dict[str, Any]] = field(default_factory=list)  # per exit: step, label, score, confidence
     focus_positions: list[int] = field(default_factory=list)  # candidates the policy chose (all K; [] at exit 0)
     gflops_exit: float = 0.0  # the cost up to the exit step (= gflops without chunking)
-    chunk: int = 1  # focus steps per backbone call
+    chunk: int | list[int] = 1  # focus steps per backbone call (a list: the planned chunks, in order)
+    budget_ms: float | None = None  # a time budget: the deadline (or the average aimed at), ms
+    predicted_ms: float | None = None  # the profile's prediction of this video's model time (with a profile)
     decoded: Any = field(default=None, repr=False, compare=False)  # the DecodedVideo, kept for --save-vis
 
     def to_dict(self) -> dict:
@@ -103,6 +105,11 @@ class Pipeline:
         self.dense = float(getattr(bundle.manifest.costs, "dense", 0.0) or 0.0) or None
         self.keep_decoded = False  # attach the decoded frames to results (for --save-vis)
         self.chunk = 1  # focus steps per backbone call (see ``set_chunk``)
+        self.chunk_auto = False  # ``set_chunk("auto")`` with a profile: chunks planned per budget
+        self.threads: int | None = None  # the engines' intra-op threads (from_bundle's; None: the default)
+        self._cost = None  # the profile's CostModel, once one was asked for (``cost_model``)
+        self._plans: dict[Any, Any] = {}
+        self.clock = time.perf_counter  # what deadlines are read on (seconds; tests drive their own)
         # most videos per call of a stage in the batched mode (see ``scheduler``); {} batches every stage
         self.stage_batch: dict[str, int] = {} if self.device != "cpu" else {"global": 1}
         self._on_gpu = self.device != "cpu"
@@ -150,6 +157,7 @@ class Pipeline:
         try:
             pipe = cls(bundle, engines, name, device, criterion)
             pipe.precision = precision or bundle.manifest.precision
+            pipe.threads = threads
             pipe.set_chunk(chunk)
         except BaseException:
             close_engines(engines)  # a bad chunk, or cupy missing for a GPU device, leaves nothing open
@@ -166,12 +174,42 @@ class Pipeline:
         self.close()
 
     # ---------------------------------------------------------------------------------------- budgets
-    def budget(self, budget: str | float | None = None, average: bool = False) -> Budget:
-        """Parse a budget ('0.08' GFLOPs, '30%' of the dense cost, None = full model) for this bundle: a hard
-        per-video cap, or with ``average`` the calibrated average to aim at (see adafocus.runtime.budget)."""
+    def budget(self, budget: str | float | None = None, average: bool = False,
+               includes_decode: bool = False) -> Budget:
+        """Parse a budget ('0.08' GFLOPs, '30%' of the dense cost, '25ms' a deadline, None = full model) for
+        this bundle: a hard per-video cap, or with ``average`` the calibrated average to aim at (see
+        adafocus.runtime.budget). A time budget needs this device's profile (``adafocus profile``);
+        ``includes_decode``: the deadline counts the video's decode too."""
         own = self.precision if self.precision != self.manifest.precision else None
         table = list(self.manifest.exit.table(own).values())
-        return make_budget(budget, self.exits, table, self.dense, average)
+        cost = time_table = None
+        if parse_ms(budget) is not None:
+            cost = self.cost_model()
+            time_table = list(cost.profile.thresholds.values())
+        return make_budget(budget, self.exits, table, self.dense, average, cost=cost,
+                           includes_decode=includes_decode, time_table=time_table)
+
+    def cost_model(self, required: bool = True):
+        """The :class:`~adafocus.runtime.profile.CostModel` of this bundle's profile for exactly this engine,
+        precision, device and threads; a ConfigError naming the ``adafocus profile`` command when there is
+        none (None when not ``required``)."""
+        if self._cost is None:
+            from adafocus.runtime.profile import CostModel, find_profile
+
+            prof = find_profile(self.bundle, self.engine_name, self.precision, self.device, self.threads, required)
+            self._cost = CostModel(prof, self.manifest) if prof is not None else None
+        return self._cost
+
+    def plan(self, budget: Budget):
+        """The chunk plan for ``budget`` (``--chunk auto`` with a profile), or None (fixed chunks)."""
+        if not self.chunk_auto:
+            return None
+        from adafocus.runtime.plan import plan_chunks
+
+        key = budget.exit_fractions
+        if key not in self._plans:
+            self._plans[key] = plan_chunks(self._cost, list(key) if key else None)
+        return self._plans[key]
 
     # ----------------------------------------------------------------------------------------- decode
     def sample_indices(self, num_frames: int) -> np.ndarray:
@@ -218,7 +256,8 @@ class Pipeline:
         On the CPU the glance runs one video per call: onnxruntime's CPU kernels for these small convs cost
         more per video in a batch (measured on the 2-core dev CPU, demo glance: 3.24 ms a video one at a
         time, 4.21 in batches of 8), while the backbone and head gain a little from batching."""
-        return StepScheduler(self.manifest, self.engines, self.criterion, self._xp, max_batch=self.stage_batch)
+        return StepScheduler(self.manifest, self.engines, self.criterion, self._xp, max_batch=self.stage_batch,
+                             cost=self._cost, clock=self.clock)
 
     def frame_source(self, frames: Any, glance_frames: Any = None) -> tuple[HostFrames, dict[str, float]]:
         """The step loop's frame source for normalised candidates ``[N, 3, S, S]`` (an array, or
@@ -354,11 +393,22 @@ class Pipeline:
             glance_frames, candidates = None, frames
         pre_ms = (time.perf_counter() - tick) * 1e3
         source, t = self.frame_source(candidates, glance_frames)
-        flight = Flight(str(decoded.path), source, budget, chunk=self.chunk,
+        plan = self.plan(budget)
+        flight = Flight(str(decoded.path), source, budget, chunk=self.chunk, chunks=plan.chunks if plan else None,
+                        deadline=self._deadline(budget, decode_ms if background_ms is None else background_ms),
                         meta=_Meta(decoded, decode_ms, background_ms, start, pre_ms,
                                    getattr(decoded, "preprocess_ms", None)))
         flight.timings_ms.update(t)
         return flight
+
+    def _deadline(self, budget: Budget, decode_ms: float) -> float | None:
+        """The clock time a flight starting now must be done by (None: no deadline); ``decode_ms`` is
+        taken off when the deadline includes decode."""
+        if budget.ms is None or budget.average:
+            return None
+        if self._cost is None:  # a Budget made elsewhere: the scheduler plans with this pipeline's profile
+            self.cost_model()
+        return self.clock() + (budget.ms - (decode_ms if budget.includes_decode else 0.0)) / 1e3
 
     def _result(self, flight: Flight, topk: int) -> VideoResult:
         """The VideoResult of a finished flight: labels, patches in video pixels, cost, timings."""
@@ -400,8 +450,25 @@ class Pipeline:
             gflops=self.computed_gflops(flight), budget_gflops=float(flight.budget.gflops),
             engine=self.engine_name, timings_ms={k: round(v, 3) for k, v in timings.items()}, steps=steps,
             focus_positions=[int(x) for x in trace.positions] if trace.exit_step else [],
-            gflops_exit=float(self.exits[trace.exit_step]), chunk=flight.chunk,
+            gflops_exit=float(self.exits[trace.exit_step]), chunk=self._chunk_used(flight),
+            budget_ms=flight.budget.ms, predicted_ms=self._predicted(flight),
             decoded=decoded if self.keep_decoded else None)
+
+    def _chunk_used(self, flight: Flight) -> int | list[int]:
+        if not flight.chunks:
+            return flight.chunk
+        out, k = [], 0
+        while k < max(flight.computed, 1) and k < len(flight.chunks):
+            out.append(flight.chunks[k])
+            k += flight.chunks[k]
+        return out
+
+    def _predicted(self, flight: Flight) -> float | None:
+        """The profile's prediction of the model time of what this flight ran (None without a profile)."""
+        if self._cost is None:
+            return None
+        chunks = flight.chunks or [flight.chunk] * self._cost.steps
+        return round(self._cost.exit_times(chunks)[flight.steps], 3)
 
     def computed_gflops(self, flight: Flight) -> float:
         """GFLOPs a finished flight computed: the cost up to its exit, plus the backbone calls of steps a
@@ -415,8 +482,10 @@ class Pipeline:
         on the CPU, where a batched call costs about what its single calls do, and every step at once on a
         GPU, where the calls, not the FLOPs, bound the time (not measured here: no GPU). Returns it."""
         steps = len(self.exits) - 1
+        self.chunk_auto = False
         if chunk is None or (isinstance(chunk, str) and chunk.strip().lower() == "auto"):
             value = 1 if not self._on_gpu else steps
+            self.chunk_auto = self.cost_model(required=False) is not None  # plan from this device's profile
         else:
             try:
                 value = int(chunk)

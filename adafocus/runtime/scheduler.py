@@ -119,6 +119,8 @@ class Flight:
     glance_out: dict[str, Any] | None = None  # this video's rows of the glance outputs, until the policy ran
     computed: int = 0  # backbone calls' worth of steps run (>= steps taken when a chunk ran past the exit)
     chunk: int = 1  # steps per backbone call
+    chunks: list[int] | None = None  # a planned chunk size for each step a chunk starts at (else ``chunk``)
+    deadline: float | None = None  # perf_counter() time by which the model must be done (a time budget)
     context: Any = None
     state: Any = None  # the base family's running classifier state [1, D]
     reason: str = ""  # "confident", "budget", "last" once done; "error" when an engine call failed
@@ -173,13 +175,15 @@ class StepScheduler:
     """
 
     def __init__(self, manifest, engines: dict[str, Any], criterion: str, xp=np,
-                 max_batch: dict[str, int] | None = None):
+                 max_batch: dict[str, int] | None = None, cost=None, clock=time.perf_counter):
         self.pre = manifest.preprocessing
         self.engines = engines
         self.criterion = criterion
         self.xp = xp
         self.max_batch = dict(max_batch or {})  # step ("global", "policy", "local") -> most flights per call
         self.family = FAMILIES[manifest.family](manifest)
+        self.cost = cost  # a profile's CostModel: needed by flights with a deadline
+        self.clock = clock  # what deadlines are read on (seconds)
         self.stats = BatchStats()
 
     def run(self, flights: Iterable[Any], slots: int = 1) -> Iterator[Any]:
@@ -273,6 +277,9 @@ class StepScheduler:
                                                             "context": g["context"][i:i + 1]}
 
     def _policy(self, flights: list[Flight]) -> None:
+        flights = self._in_time(flights, lambda n: self.cost.policy(n, "p90") + self.cost.chunk(1, n, "p90"))
+        if not flights:
+            return
         p, xp = self.pre, self.xp
         if len(flights) == 1:
             g = flights[0].glance_out
@@ -297,9 +304,16 @@ class StepScheduler:
         exit were computed, and are charged, but not used). Returns the crop time (ms), lazy preprocessing of
         the focus frames left out (it is the frame source's ``preprocess_ms``)."""
         fam, xp = self.family, self.xp
+        sizes = [self._chunk(f, len(flights)) for f in flights]
+        for f, n in zip(flights, sizes, strict=True):
+            if n == 0:  # not even one more step fits before its deadline
+                f.reason = "deadline"
+        flights = [f for f, n in zip(flights, sizes, strict=True) if n]
+        sizes = [n for n in sizes if n]
+        if not flights:
+            return 0.0
         tick = time.perf_counter()
         lazy_before = sum(f.source.preprocess_ms for f in flights)
-        sizes = [self._chunk(f) for f in flights]
         rows = [fam.patches(f, n, xp) for f, n in zip(flights, sizes, strict=True)]
         crop_ms = (time.perf_counter() - tick) * 1e3 - (sum(f.source.preprocess_ms for f in flights) - lazy_before)
         self.stats.crop_ms += crop_ms
@@ -321,11 +335,31 @@ class StepScheduler:
             going = [f for f in going if pending[id(f)] and not f.reason]
         return crop_ms
 
-    def _chunk(self, f: Flight) -> int:
-        """Steps in the flight's next backbone call: its chunk, cut to the steps left and to those that fit
-        under its hard cap (a hard budget charges what is computed)."""
+    def _chunk(self, f: Flight, batch: int = 1) -> int:
+        """Steps in the flight's next backbone call: its chunk (planned per step, or fixed), cut to the steps
+        left, to those that fit under its hard cap (a hard budget charges what is computed) and, with a
+        deadline, to those whose predicted end (p90 of the profile, ``batch`` videos in the call) is before
+        it: 0 when not one step fits."""
         left = min(self.family.steps, f.budget.max_steps) - f.steps
-        return max(1, min(f.chunk, left))
+        n = max(1, min(f.chunks[f.steps] if f.chunks else f.chunk, left))
+        if f.deadline is None:
+            return n
+        room = (f.deadline - self.clock()) * 1e3
+        while n and self.cost.chunk(n, batch, "p90") > room:
+            n -= 1
+        return n
+
+    def _in_time(self, flights: list[Flight], predicted) -> list[Flight]:
+        """The flights whose deadline leaves room for ``predicted(len(flights))`` ms more (the others stop
+        with reason "deadline"); flights without a deadline always go on."""
+        if all(f.deadline is None for f in flights):
+            return flights
+        need = predicted(len(flights)) / 1e3
+        now = self.clock()
+        for f in flights:
+            if f.deadline is not None and now + need > f.deadline:
+                f.reason = "deadline"
+        return [f for f in flights if not f.reason]
 
 # ------------------------------------------------------------------------------------------ helpers
 def host(x: Any) -> np.ndarray:

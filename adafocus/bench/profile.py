@@ -1,0 +1,154 @@
+"""``adafocus profile``: measure what each stage of a bundle costs on this device, for planning by time.
+
+For every stage the p50 and p90 wall time of one engine call per batch size (the backbone per number of
+patches: a chunk of one video's steps, or the chunks of several videos), after a warm-up, on random inputs of
+the manifest's shapes; then the fixed costs around the engines, fitted from whole-pipeline runs on a synthetic
+video (glance only, and every step without early exit) so that the cost model adds up to what the runtime
+measures. See :mod:`adafocus.runtime.profile` for the file and the cost model.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Callable, Iterable
+from typing import Any
+
+import numpy as np
+
+from adafocus.errors import ConfigError
+from adafocus.runtime.profile import (
+    TIMED_STAGES,
+    CostModel,
+    FixedCosts,
+    Profile,
+    Quantiles,
+    device_name,
+    write_profile,
+)
+
+DEFAULT_BATCHES = (1, 2, 4, 8)
+
+
+def measure_profile(bundle: str | os.PathLike, engine: str = "auto", device: str = "cpu", threads: int | None = None,
+                    precision: str | None = None, batches: Iterable[int] = DEFAULT_BATCHES, seconds: float = 0.6,
+                    min_reps: int = 15, write: bool = True,
+                    log: Callable[[str], None] | None = None) -> tuple[Profile, Any]:
+    """Measure the bundle's stages on ``device`` and (``write``) store ``profiles/<key>.json`` in it.
+
+    ``seconds``: time spent per measured configuration (at least ``min_reps`` calls, after 3 warm-up calls).
+    Returns the profile and the path written (None without ``write``)."""
+    from adafocus.bench.env import environment
+    from adafocus.bundle import now_iso
+    from adafocus.runtime.pipeline import Pipeline
+
+    say = log or (lambda _line: None)
+    sizes = sorted({int(b) for b in batches})
+    if not sizes or sizes[0] < 1:
+        raise ConfigError(f"batch sizes must be positive integers, got {list(batches)}")
+    with Pipeline.from_bundle(bundle, engine=engine, device=device, threads=threads, precision=precision,
+                              chunk=1) as pipe:
+        m = pipe.manifest
+        steps = len(m.costs.exits) - 1
+        rng = np.random.default_rng(0)
+        stages: dict[str, dict[str, Quantiles]] = {}
+        for stage in TIMED_STAGES:
+            todo = _backbone_sizes(steps, sizes) if stage == "backbone" and m.family == "base" else sizes
+            stages[stage] = {}
+            for n in todo:
+                feeds = _random_feeds(m.stages[stage].inputs, n, steps, rng, pipe)
+                q = _time_calls(lambda s=stage, f=feeds: pipe.engines[s].run(f), seconds, min_reps, pipe)
+                stages[stage][str(n)] = q
+                say(f"{stage:<8} x{n:<3} p50 {q.p50:8.3f} ms   p90 {q.p90:8.3f} ms")
+        fixed, measured = _fixed_costs(pipe, stages, seconds, min_reps, rng)
+        say(f"fixed    preprocess {fixed.preprocess_frame:.3f} ms/frame, {fixed.video:.3f} ms/video, "
+            f"{fixed.step:.3f} ms/step")
+        used = [m.stages[s].file for s in TIMED_STAGES]
+        if pipe.precision != m.precision:
+            used = [m.precisions[pipe.precision].get(s, m.stages[s].file) for s in TIMED_STAGES]
+        prof = Profile(engine=pipe.engine_name, precision=pipe.precision, device=pipe.device,
+                       device_name=device_name(pipe.device), threads=threads, stages=stages, fixed=fixed,
+                       stage_sha256={f: m.files[f].sha256 for f in used if f in m.files}, measured=measured,
+                       environment=environment(threads), created=now_iso())
+        path = write_profile(pipe.bundle.path, prof) if write else None
+    return prof, path
+
+
+def _backbone_sizes(steps: int, batches: list[int]) -> list[int]:
+    """Patches per backbone call worth measuring: every chunk of one video (1..K), and K per video batched."""
+    wanted = {n for n in (1, 2, 3, 4, 6, 8, 12, 16, 24, 32) if n <= steps} | {steps}
+    wanted |= {steps * b for b in batches}
+    return sorted(wanted)
+
+
+def _random_feeds(inputs, n: int, steps: int, rng, pipe) -> dict[str, Any]:
+    """Random inputs of the manifest's shapes with ``n`` on the batch axis (on the device for a GPU)."""
+    feeds = {}
+    for t in inputs:
+        shape = [n] + [int(d) for d in t.shape[1:]]
+        if np.dtype(t.dtype).kind in "iu":
+            value = np.zeros(shape, t.dtype) + min(steps - 1, 1)
+        else:
+            value = rng.standard_normal(shape).astype(t.dtype)
+        feeds[t.name] = pipe._xp.asarray(value) if pipe._on_gpu else value
+    return feeds
+
+
+def _time_calls(fn: Callable[[], Any], seconds: float, min_reps: int, pipe) -> Quantiles:
+    for _ in range(3):
+        fn()
+    times: list[float] = []
+    end = time.perf_counter() + seconds
+    while len(times) < min_reps or time.perf_counter() < end:
+        tick = time.perf_counter()
+        fn()
+        if pipe._on_gpu:
+            pipe._xp.cuda.Device().synchronize()
+        times.append((time.perf_counter() - tick) * 1e3)
+        if len(times) >= 2000:
+            break
+    return _quantiles(times)
+
+
+def _quantiles(times: list[float]) -> Quantiles:
+    a = np.asarray(times, np.float64)
+    return Quantiles(round(float(np.percentile(a, 50)), 4), round(float(np.percentile(a, 90)), 4))
+
+
+def _fixed_costs(pipe, stages, seconds: float, min_reps: int, rng) -> tuple[FixedCosts, dict[str, float]]:
+    """Preprocessing per frame, and the host work per video and per step that the engine calls leave:
+    whole-pipeline runs on a synthetic video, glance only and every step (no early exit)."""
+    from adafocus.runtime.budget import Budget
+    from adafocus.runtime.decode import DecodedVideo
+
+    p = pipe.pre
+    short = p.resize_size
+    indices = pipe.sample_indices(max(64, p.candidates * 2))
+    frames = rng.integers(0, 256, (len(indices), short, short * 4 // 3, 3), dtype=np.uint8)
+    video = DecodedVideo("synthetic", frames, indices, int(indices.max()) + 1, 25.0, short * 4 // 3, short,
+                         "header", 0.0)
+    pre = _time_calls(lambda: pipe.preprocess(frames[:8]), seconds, min_reps, pipe).p50 / 8
+    exits = pipe.exits
+    steps = len(exits) - 1
+    glance_only = Budget(exits[0], 0, None)
+    full = Budget(exits[-1], steps, None)
+
+    def model_ms(budget) -> float:
+        res = pipe(video, budget)
+        return res.timings_ms["total"] - res.timings_ms["decode"]
+
+    runs = (("glance_only_ms", glance_only), ("full_ms", full))
+    for _, b in runs:  # warm-up
+        model_ms(b)
+        model_ms(b)
+    # the model time of a run as the runtime reports it (decode excluded), alternating the two budgets
+    samples: dict[str, list[float]] = {name: [] for name, _ in runs}
+    for _ in range(max(9, min_reps // 2)):
+        for name, b in runs:
+            samples[name].append(model_ms(b))
+    measured = {name: round(float(np.median(v)), 4) for name, v in samples.items()}
+    model = CostModel(Profile("", "", pipe.device, "", None, stages, FixedCosts(pre, 0.0, 0.0), {}), pipe.manifest)
+    per_video = measured["glance_only_ms"] - model.glance()
+    engines_full = model.policy() + steps * (model.stage("backbone", 1) + model.stage("head", 1))
+    per_step = (measured["full_ms"] - measured["glance_only_ms"] - engines_full) / max(1, steps)
+    return FixedCosts(round(pre, 4), round(max(0.0, per_video), 4), round(max(0.0, per_step), 4)), measured
