@@ -257,19 +257,33 @@ def stop() -> None:
 
 
 def serve_forever(config: ServeConfig, log: Callable[[str], None] | None = None) -> None:
-    """Join Ray (``config.ray``), deploy, and serve until interrupted (Ctrl-C)."""
+    """Join Ray (``config.ray``), deploy, and serve until interrupted (Ctrl-C or SIGTERM); then stop Serve and the
+    Ray instance this call started."""
+    import signal
+
     from adafocus.scale.cluster import connect
+
+    def interrupted(signum, frame):
+        raise KeyboardInterrupt
 
     log = log or (lambda _msg: None)
     config.validate()
-    with connect(config.ray, log):
-        url = start(config)
-        try:
-            log(f"serving {config.bundle} on {url} ({config.replicas} replica(s), batches of <= {config.max_batch}, "
-                f"bodies <= {config.max_body_mb:g} MB): POST {url}/classify, GET {url}/healthz; Ctrl-C stops")
-            while True:
-                time.sleep(3600)
-        except KeyboardInterrupt:
-            log("stopping")
-        finally:
-            stop()
+    previous = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
+    for sig in previous:  # before Ray starts: a signal during start-up stops it too (and SIGINT is caught even
+        signal.signal(sig, interrupted)  # where the shell started us with it ignored)
+    try:
+        with connect(config.ray, log):
+            url = start(config)
+            try:
+                log(f"serving {config.bundle} on {url} ({config.replicas} replica(s), batches of <= "
+                    f"{config.max_batch}, bodies <= {config.max_body_mb:g} MB): POST {url}/classify, "
+                    f"GET {url}/healthz; Ctrl-C stops")
+                while True:  # short sleeps: a signal may land on one of Ray's threads, and is seen between them
+                    time.sleep(0.5)
+            finally:
+                stop()
+    except KeyboardInterrupt:
+        log("stopped")
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
