@@ -288,3 +288,30 @@ def test_runtime_modules_do_not_import_torch():
     code = ("import sys; import adafocus.runtime.decode, adafocus.runtime.preprocess, adafocus.runtime.crop; "
             "assert 'torch' not in sys.modules, 'torch was imported'")
     subprocess.run([sys.executable, "-c", code], check=True, cwd=Path(__file__).resolve().parents[1])
+
+
+@pytest.mark.parametrize("shape", [(5, 64, 85, 3), (3, 90, 64, 3), (4, 200, 300, 3)])
+def test_device_preprocessing_equals_the_host_path(shape):
+    """The GPU path's arithmetic (uint8 crops uploaded, normalised where they are) run with numpy as the
+    device: bit-identical to the host preprocessing, for frames at the short side and frames to resize."""
+    from adafocus.runtime.preprocess import preprocess_device
+
+    frames = np.random.default_rng(3).integers(0, 256, shape, dtype=np.uint8)
+    want = preprocess(frames, resize_size=64, crop_size=56)
+    got = preprocess_device(frames, np, resize_size=64, crop_size=56)
+    assert got.dtype == np.float32 and got.flags.c_contiguous and np.array_equal(got, want)
+
+
+@pytest.mark.gpu
+def test_device_preprocessing_on_the_gpu():
+    try:
+        import cupy as cp
+
+        cp.cuda.runtime.getDeviceCount()
+    except Exception:  # noqa: BLE001 - no cupy, or no CUDA device
+        pytest.skip("needs cupy and a CUDA device")
+    from adafocus.runtime.preprocess import preprocess_device
+
+    frames = np.random.default_rng(4).integers(0, 256, (6, 256, 341, 3), dtype=np.uint8)
+    got = preprocess_device(frames, cp, 256, 224)
+    assert isinstance(got, cp.ndarray) and np.array_equal(cp.asnumpy(got), preprocess(frames, 256, 224))

@@ -327,8 +327,9 @@ class Pipeline:
             raise ConfigError(f"batch must be >= 1, got {batch}")
         b = budget if isinstance(budget, Budget) else self.budget(budget)
         # decode ahead; the CPU base family preprocesses here, lazily (the glance frames, then each focus
-        # frame a step reads, about 11 of 16 on the demo); the others preprocess ahead too when batched
-        load = self.decode if batch == 1 or self._lazy else self._decode_preprocessed
+        # frame a step reads, about 11 of 16 on the demo); on a GPU the frames are normalised on the device
+        # here; the others preprocess ahead too when batched
+        load = self.decode if batch == 1 or self._lazy or self._on_gpu else self._decode_preprocessed
         sched = self.scheduler()
         depth = max(prefetch, 2 * batch) if batch > 1 else prefetch
         with Prefetcher(list(videos), load, depth=depth, workers=workers) as queue:
@@ -385,6 +386,10 @@ class Pipeline:
             if self._lazy:
                 frames = LazyFrames(decoded.frames, p.resize_size, p.frame_size, p.mean, p.std,
                                     first=p.glance_positions)
+            elif self._on_gpu:  # upload the uint8 crops once, normalise on the device
+                from adafocus.runtime.preprocess import preprocess_device
+
+                frames = preprocess_device(decoded.frames, self._xp, p.resize_size, p.frame_size, p.mean, p.std)
             else:
                 frames = self.preprocess(decoded.frames)
         if p.glance_positions is None:

@@ -246,7 +246,10 @@ class StepScheduler:
     # ------------------------------------------------------------------------------------------ stages
     def _call(self, stage: str, feeds: dict[str, Any], flights: list[Flight]) -> dict[str, Any]:
         tick = time.perf_counter()
-        out = self.engines[stage].run(feeds)
+        if self.xp is np:
+            out = self.engines[stage].run(feeds)
+        else:  # on a GPU the outputs stay there: only what a decision reads (logits, actions) comes back
+            out = self.engines[stage].run(feeds, device_outputs=True)
         self.stats.calls[stage] += 1
         self.stats.items[stage] += len(flights)
         self.stats.engine_ms[stage] += (time.perf_counter() - tick) * 1e3  # any object with run() is an engine here
