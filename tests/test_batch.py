@@ -202,3 +202,25 @@ def test_ray_off_needs_no_ray_path(corpus, tmp_path):
     assert done.stdout.strip() == str(len(rows))
     _check_rows(tmp_path / "o", rows, ref)
     assert Path(tmp_path / "o" / "summary.json").is_file()
+
+
+def test_urls_are_downloaded(corpus, tmp_path):
+    """http(s) entries of a list are fetched from a real HTTP server on 127.0.0.1; a 404 is that video's error row."""
+    import functools
+    import http.server
+
+    csv_path, rows, ref = corpus
+    video = Path(rows[0]["video"])
+    handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=str(video.parent))
+    handler.log_message = lambda *a: None
+    with http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler) as httpd:
+        threading.Thread(target=httpd.serve_forever, daemon=True).start()
+        base = f"http://127.0.0.1:{httpd.server_address[1]}"
+        listing = tmp_path / "urls.jsonl"
+        listing.write_text(json.dumps({"id": "web", "video": f"{base}/{video.name}"}) + "\n"
+                           + json.dumps({"id": "gone", "video": f"{base}/gone.mp4"}) + "\n")
+        run_batch(_config(listing, tmp_path / "out", ray="off", fmt="jsonl"))
+        httpd.shutdown()
+    got = {r["id"]: r for r in read_rows(tmp_path / "out")}
+    assert (got["web"]["label"], got["web"]["exit_step"]) == ref[str(video)]
+    assert got["gone"]["status"] == "error" and got["gone"]["error"].startswith(f"{base}/gone.mp4: cannot download")

@@ -10,10 +10,13 @@ from __future__ import annotations
 
 import os
 import socket
+import tempfile
 from collections import defaultdict, deque
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 from adafocus.scale.corpus import VideoItem
 
@@ -64,26 +67,52 @@ def worker_name() -> str:
 
 def iter_rows(pipe, items: Iterable[VideoItem], budget: Any, batch: int) -> Iterator[dict]:
     """One row per item, as the videos finish: ``run_many`` over the items' paths, ``batch`` in flight; a video
-    that fails (missing, corrupt, not a video) is an error row and the others go on."""
+    that fails (missing, corrupt, not a video, a URL that cannot be fetched) is an error row and the others go on.
+    http(s) URLs are downloaded to a temporary directory first (removed at the end)."""
     from adafocus.errors import AdaFocusError
 
-    items = list(items)
-    waiting: dict[str, deque[VideoItem]] = defaultdict(deque)  # a path may be listed twice under two ids
-    for item in items:
-        waiting[item.path].append(item)
-    try:
-        for path, res in pipe.run_many([it.path for it in items], budget, topk=1, batch=batch):
-            yield result_row(waiting[path].popleft(), res)
-    except AdaFocusError as exc:  # not one video's failure (e.g. an engine error): the videos not done yet
-        for queue in waiting.values():
-            while queue:
-                yield error_row(queue.popleft(), exc)
+    with tempfile.TemporaryDirectory(prefix="adafocus-fetch-") as tmp:
+        waiting: dict[str, deque[VideoItem]] = defaultdict(deque)  # a path may be listed twice under two ids
+        paths: list[str] = []
+        for n, item in enumerate(items):
+            path = item.path
+            if is_url(path):
+                try:
+                    path = fetch(path, Path(tmp) / f"{n}{Path(urlsplit(path).path).suffix or '.mp4'}")
+                except (OSError, ValueError) as exc:
+                    yield error_row(item, f"{item.path}: cannot download ({exc})")
+                    continue
+            waiting[path].append(item)
+            paths.append(path)
+        try:
+            for path, res in pipe.run_many(paths, budget, topk=1, batch=batch):
+                item = waiting[path].popleft()
+                if isinstance(res, BaseException):  # a downloaded video's error names its URL, not the temp file
+                    yield error_row(item, str(res).replace(path, item.path))
+                else:
+                    yield result_row(item, res)
+        except AdaFocusError as exc:  # not one video's failure (e.g. an engine error): the videos not done yet
+            for queue in waiting.values():
+                while queue:
+                    yield error_row(queue.popleft(), exc)
+
+
+def is_url(path: str) -> bool:
+    return urlsplit(path).scheme in ("http", "https")
+
+
+def fetch(url: str, dest: Path, timeout: float = 60.0) -> str:
+    """Download ``url`` to ``dest``; returns the path."""
+    import shutil
+    import urllib.request
+
+    with urllib.request.urlopen(url, timeout=timeout) as resp, open(dest, "wb") as fh:
+        shutil.copyfileobj(resp, fh, 1 << 20)
+    return str(dest)
 
 
 def result_row(item: VideoItem, res: Any) -> dict:
-    """The row of one video: its result, or its error (a ``run_many`` error)."""
-    if isinstance(res, BaseException):
-        return error_row(item, res)
+    """The row of one video's VideoResult."""
     t = res.timings_ms
     return _row(item, status="ok", label=res.label, score=float(res.score),
                 correct=None if item.truth is None else res.label == item.truth,
