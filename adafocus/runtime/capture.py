@@ -80,10 +80,28 @@ def _ffmpeg_options(url: str):
                 os.environ[_ENV] = before
 
 
+@contextmanager
+def _quiet_opencv():
+    """OpenCV's own warnings off while it opens (a refused or silent source is our one line, not three)."""
+    level = cv2.utils.logging.getLogLevel()
+    cv2.utils.logging.setLogLevel(cv2.utils.logging.LOG_LEVEL_ERROR)
+    try:
+        yield
+    finally:
+        cv2.utils.logging.setLogLevel(level)
+
+
 def open_source(source: str, timeout: float = 10.0) -> cv2.VideoCapture:
     """An opened capture for ``source``, or a VideoError / ConfigError in one line. Network sources fail
     within ``timeout`` seconds (FFmpeg's open timeout), and a read that waits longer than that fails too."""
-    s = str(source).strip()
+    # FFmpeg's own log lines ("Connection refused", "Stream timeout triggered") off too, unless the user
+    # asked for them; OpenCV reads this once, when its FFmpeg backend first starts in the process
+    os.environ.setdefault("OPENCV_FFMPEG_LOGLEVEL", "-8")
+    with _quiet_opencv():
+        return _open_source(str(source).strip(), timeout)
+
+
+def _open_source(s: str, timeout: float) -> cv2.VideoCapture:
     kind = source_kind(s)
     ms = int(max(0.1, timeout) * 1000)
     if kind == "url":

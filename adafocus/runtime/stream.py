@@ -57,6 +57,7 @@ class WindowResult:
     exit_reason: str
     gflops: float
     latency_ms: float  # result time minus the capture time of the newest frame used
+    behind_s: float  # stream seconds between the window's end and the newest frame read when it was taken
     frames_dropped: int  # since the start: kept frames no window used (inference behind)
     windows_skipped: int  # since the start: complete windows passed over to stay live
     reconnects: int
@@ -71,7 +72,7 @@ class WindowResult:
     def to_dict(self) -> dict:
         d = {k: v for k, v in self.__dict__.items() if k not in ("result", "frame_numbers")}
         d["topk"] = [{"label": k, "score": v} for k, v in self.topk]
-        for k in ("t0", "t1"):
+        for k in ("t0", "t1", "behind_s"):
             d[k] = round(d[k], 4)
         d["latency_ms"] = round(d["latency_ms"], 3)
         return d
@@ -147,17 +148,17 @@ class StreamSource:
                 self.next += extra * s
                 self.window_no += extra
                 frames = take_window(cap, self.next, m)
-                first, number = self.next, self.window_no
+                first, number, newest = self.next, self.window_no, cap.newest_t
                 self.next += s
                 self.window_no += 1
                 if frames is not None:
-                    return first, number, frames
+                    return first, number, frames, newest
 
     def run(self, item, budget, topk: int) -> WindowResult:
         """Run one window through the pipeline."""
         from adafocus.runtime.decode import DecodedVideo
 
-        first, number, w = item
+        first, number, w, newest = item
         pos = self.positions
         decoded = DecodedVideo(self.name, None, w.frame_nos[pos], self.slots, 1.0 / self.slot_s, w.width, w.height,
                                "stream", 0.0)
@@ -171,13 +172,14 @@ class StreamSource:
         if latency > self.opts.stride * 1e3:
             self.late += 1
         st = self.capture.stats
+        t1 = (first + self.slots) * self.slot_s
         return WindowResult(
-            source=self.name, window=number, t0=first * self.slot_s, t1=(first + self.slots) * self.slot_s,
+            source=self.name, window=number, t0=first * self.slot_s, t1=t1,
             capture_t0=float(w.walls.min()), capture_t1=float(w.walls.max()), label=res.label, score=res.score,
             topk=res.topk, exit_step=res.exit_step, exit_reason=res.exit_reason, gflops=res.gflops,
-            latency_ms=latency, frames_dropped=st.slots_dropped, windows_skipped=self.skipped,
-            reconnects=st.reconnects, frames_read=st.frames_read, width=w.width, height=w.height,
-            missing_slots=w.missing, clock=st.clock, frame_numbers=w.frame_nos.tolist(), result=res)
+            latency_ms=latency, behind_s=max(0.0, newest - t1), frames_dropped=st.slots_dropped,
+            windows_skipped=self.skipped, reconnects=st.reconnects, frames_read=st.frames_read, width=w.width,
+            height=w.height, missing_slots=w.missing, clock=st.clock, frame_numbers=w.frame_nos.tolist(), result=res)
 
     def summary(self, ended: str) -> dict:
         lat = np.asarray(self.latencies) if self.latencies else np.zeros(0)
