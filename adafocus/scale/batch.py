@@ -19,6 +19,7 @@ Resume: the ids already in ``out`` are skipped (a skip list read from the writte
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import math
 import queue
@@ -111,7 +112,7 @@ def run_batch(config: BatchConfig, log: Log | None = None,
     skipped = len(items) - len(todo)
     if skipped:
         log(f"resuming: {skipped} of {len(items)} videos already in {config.out}, {len(todo)} to run")
-    backend = _backend(config.ray, log)
+    backend = _backend(config.ray, log) if todo else _Nothing()  # nothing left: no Ray to start
     with backend.session(config, log) as session:
         start = time.perf_counter()
         finished: set[str] = set()
@@ -162,6 +163,16 @@ def _summary(config, session, run_rows, skipped, seconds, writer, rerun, first) 
 
 
 # ------------------------------------------------------------------------------------------ backends
+class _Nothing:
+    """The backend of a run with nothing left to do."""
+
+    name = "nothing to run"
+    startup_s = 0.0
+
+    def session(self, config: BatchConfig, log: Log):
+        return contextlib.nullcontext(self)
+
+
 class _InProcess:
     """The embedded default: one Pipeline in this process, the same row function as the actors."""
 
