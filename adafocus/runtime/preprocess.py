@@ -94,6 +94,24 @@ def center_crop_offsets(height: int, width: int, crop_size: int) -> tuple[int, i
     return int(round((height - crop_size) / 2.0)), int(round((width - crop_size) / 2.0))
 
 
+def center_crops(frames: np.ndarray, resize_size: int, crop_size: int, interpolation: str = "auto") -> np.ndarray:
+    """uint8 RGB frames ``[T, H, W, 3]`` -> their uint8 centre crops ``[T, crop, crop, 3]`` after resizing the
+    shorter side (a view of ``frames`` when it is ``resize_size`` already, as the runtime decodes them)."""
+    frames = np.asarray(frames)
+    if frames.ndim != 4 or frames.shape[-1] != 3 or frames.dtype != np.uint8:
+        raise ValueError(f"frames must be uint8 [T, H, W, 3], got {frames.dtype} {list(frames.shape)}")
+    _check_interpolation(interpolation)
+    t, h, w, _ = frames.shape
+    nh, nw = resized_shape(h, w, resize_size)
+    top, left = center_crop_offsets(nh, nw, crop_size)
+    if (nh, nw) == (h, w):
+        return frames[:, top:top + crop_size, left:left + crop_size]
+    crops = np.empty((t, crop_size, crop_size, 3), np.uint8)
+    for i in range(t):
+        crops[i] = resize_short_side(frames[i], resize_size, interpolation)[top:top + crop_size, left:left + crop_size]
+    return crops
+
+
 def preprocess(frames: np.ndarray, resize_size: int = 256, crop_size: int = 224,
                mean: Sequence[float] = IMAGENET_MEAN, std: Sequence[float] = IMAGENET_STD,
                interpolation: str = "auto", out: np.ndarray | None = None) -> np.ndarray:
@@ -104,20 +122,8 @@ def preprocess(frames: np.ndarray, resize_size: int = 256, crop_size: int = 224,
     ``(x - mean) / std``), so equal uint8 crops give bit-identical tensors. ``out`` may be given to fill a
     preallocated (e.g. pinned) buffer.
     """
-    frames = np.asarray(frames)
-    if frames.ndim != 4 or frames.shape[-1] != 3 or frames.dtype != np.uint8:
-        raise ValueError(f"frames must be uint8 [T, H, W, 3], got {frames.dtype} {list(frames.shape)}")
-    _check_interpolation(interpolation)
-    t, h, w, _ = frames.shape
-    nh, nw = resized_shape(h, w, resize_size)
-    top, left = center_crop_offsets(nh, nw, crop_size)
-    if (nh, nw) == (h, w):
-        crops = frames[:, top:top + crop_size, left:left + crop_size]
-    else:
-        crops = np.empty((t, crop_size, crop_size, 3), np.uint8)
-        for i in range(t):
-            crops[i] = resize_short_side(frames[i], resize_size, interpolation)[top:top + crop_size,
-                                                                                 left:left + crop_size]
+    crops = center_crops(frames, resize_size, crop_size, interpolation)
+    t = crops.shape[0]
     if out is None:
         out = np.empty((t, 3, crop_size, crop_size), np.float32)
     elif out.shape != (t, 3, crop_size, crop_size) or out.dtype != np.float32:
@@ -138,18 +144,7 @@ def preprocess_device(frames: np.ndarray, xp, resize_size: int = 256, crop_size:
     """:func:`preprocess` with the normalisation on the device of ``xp`` (cupy on a GPU; numpy gives the
     host result): the uint8 centre crops are uploaded once (a quarter of the float32 bytes), then divided,
     shifted and scaled there in torchvision's float32 order, so the result equals :func:`preprocess`'s."""
-    frames = np.asarray(frames)
-    if frames.ndim != 4 or frames.shape[-1] != 3 or frames.dtype != np.uint8:
-        raise ValueError(f"frames must be uint8 [T, H, W, 3], got {frames.dtype} {list(frames.shape)}")
-    _check_interpolation(interpolation)
-    t, h, w, _ = frames.shape
-    nh, nw = resized_shape(h, w, resize_size)
-    top, left = center_crop_offsets(nh, nw, crop_size)
-    if (nh, nw) == (h, w):  # decoded at the short side already (the runtime's decode): only the crop
-        crops = np.ascontiguousarray(frames[:, top:top + crop_size, left:left + crop_size])
-    else:
-        crops = np.stack([resize_short_side(f, resize_size, interpolation)[top:top + crop_size,
-                                                                           left:left + crop_size] for f in frames])
+    crops = np.ascontiguousarray(center_crops(frames, resize_size, crop_size, interpolation))
     d = xp.asarray(crops).astype(xp.float32)  # [T, S, S, 3] on the device
     d /= xp.float32(255.0)
     d -= xp.asarray(np.asarray(mean, np.float32))
