@@ -332,30 +332,23 @@ def calibrate_thresholds_cmd(
     from adafocus.calibration.time_targets import calibrate_time_targets, is_time_budgets
 
     held = None if heldout_split.lower() in ("", "none") else heldout_split
-    if is_time_budgets(budgets):
-        if merge or plot is not None or cache_dir is not None or max_gflops is not None:
-            raise ConfigError("--merge, --plot, --cache-dir and --max-gflops are for GFLOPs budgets, not times")
-        with _progress_callback("videos", not as_json) as progress:
-            timed = calibrate_time_targets(bundle, data, budgets, calib_split=calib_split, heldout_split=held,
-                                           criterion=criterion, max_videos=max_videos, engine=engine, device=device,
-                                           threads=threads, precision=precision, write=not dry_run,
-                                           log=None if as_json else (lambda s: typer.echo(s, err=True)),
-                                           progress=progress)
-        if as_json:
-            _echo_json(timed.to_dict())
-            return 0
-        typer.echo(timed.format())
-        typer.echo(f"profile    {len(timed.targets)} time targets written to {timed.written}" if timed.written
+    timed = is_time_budgets(budgets)
+    if timed and (merge or plot is not None or cache_dir is not None or max_gflops is not None):
+        raise ConfigError("--merge, --plot, --cache-dir and --max-gflops are for GFLOPs budgets, not times")
+    common = {"calib_split": calib_split, "heldout_split": held, "criterion": criterion, "max_videos": max_videos,
+              "engine": engine, "device": device, "threads": threads, "precision": precision, "write": not dry_run,
+              "log": None if as_json else (lambda s: typer.echo(s, err=True))}
+    with _progress_callback("videos", not as_json) as progress:
+        if timed:
+            result = calibrate_time_targets(bundle, data, budgets, progress=progress, **common)
+        else:
+            result = calibrate_thresholds(bundle, data, budgets, max_gflops=max_gflops, merge=merge, plot=plot,
+                                          cache_dir=cache_dir, progress=progress, **common)
+    if timed and not as_json:
+        typer.echo(result.format())
+        typer.echo(f"profile    {len(result.targets)} time targets written to {result.written}" if result.written
                    else "profile    unchanged (--dry-run)")
         return 0
-    with _progress_callback("videos", not as_json) as progress:
-        result = calibrate_thresholds(bundle, data, budgets, calib_split=calib_split, heldout_split=held,
-                                      criterion=criterion, max_gflops=max_gflops, max_videos=max_videos,
-                                      engine=engine, device=device, threads=threads, precision=precision,
-                                      merge=merge,
-                                      write=not dry_run, plot=plot, cache_dir=cache_dir,
-                                      log=None if as_json else (lambda s: typer.echo(s, err=True)),
-                                      progress=progress)
     if as_json:
         _echo_json(result.to_dict())
         return 0

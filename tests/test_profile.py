@@ -369,3 +369,20 @@ def test_bench_reports_predicted_and_deadline_figures(bundle):
     timed = rows["1000ms"]
     assert timed["budget_ms"] == 1000.0 and timed["predicted_ms"] > 0 and timed["deadline_stops"] == 0
     assert timed["p95_over_budget"] > 0 and rows["33%"]["predicted_ms"] > 0 and rows["33%"]["budget_ms"] is None
+
+
+@pytest.mark.parametrize("args,line", [
+    (["--budgets", "5ms,0.07"], "mixes times and GFLOPs"),
+    (["--budgets", "5ms", "--max-gflops", "0.1"], "are for GFLOPs budgets, not times"),
+    (["--budgets", "5ms"], "run `adafocus profile"),
+])
+def test_calibrate_time_targets_errors_are_one_line(tmp_path, args, line, capsys):
+    from adafocus.cli import main
+
+    shutil.copytree(bundle_path(), tmp_path / "b")
+    (tmp_path / "data").mkdir()
+    (tmp_path / "data" / "val.csv").write_text("video,label\n")
+    with pytest.raises(SystemExit) as exit_:
+        main(["calibrate", "thresholds", str(tmp_path / "b"), "--data", str(tmp_path / "data"), *args])
+    err = capsys.readouterr().err
+    assert exit_.value.code == 1 and line in err and len(err.strip().splitlines()) == 1
