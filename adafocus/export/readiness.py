@@ -9,6 +9,9 @@ What it checks, each finding an issue with a severity (``error`` makes ``ok`` Fa
   (``trt_onnx_ops.json``, from onnx-tensorrt's ``docs/operators.md``, source recorded in the file);
   ops of other domains need plugins; the opset lies in the parser's documented range;
 - ``GridSample`` stays 4-D (TensorRT has no 5-D/volumetric GridSample);
+- Conv and pooling ops have the spatial ranks the parser takes (``spatial_dims`` in the op list: Conv 1-3, so
+  X3D's Conv3d passes and is noted, grouped or not; pooling 2-3);
+- ``Resize`` uses a mode, coordinate transformation and aspect policy TensorRT implements, without antialias;
 - no dynamic dim except the batch (first) dim on the graph inputs and outputs;
 - ``axes`` inputs that the parser needs as initializers (Slice, Squeeze, Reduce*, ...) are constant;
 - Q/DQ nodes: counted and noted (explicit INT8: the engine must be built strongly typed, without
@@ -247,10 +250,14 @@ def check_readiness(model: str | os.PathLike | Any) -> ReadinessReport:
         elif op in _QDQ:
             qdq += 1
             _check_qdq(node, graph, add)
+        elif op == "Resize":
+            _check_resize(node, add)
+        if "spatial_dims" in entry:
+            _check_spatial_rank(node, entry["spatial_dims"], shapes, add)
         restriction = entry.get("restrictions", "")
         if "axes" in restriction and ("initializer" in restriction or "constant" in restriction):
             _check_constant_axes(onnx, node, opset, constants, add)
-        elif restriction and op not in noted and op not in ("GridSample", *_QDQ):
+        elif restriction and op not in noted and op not in ("GridSample", "Resize", *_QDQ):
             noted.add(op)
             add("note", "restriction", f"{op}: {restriction}")
     if qdq:
@@ -268,6 +275,50 @@ def check_readiness(model: str | os.PathLike | Any) -> ReadinessReport:
         outputs=report_outputs,
         ops_source=f"{src['repository']} {src['path']} @ {src['ref']}",
     )
+
+
+def _check_spatial_rank(node: Any, allowed: list[int], shapes: dict[str, list | None], add: Any) -> None:
+    """Conv / pooling: TensorRT takes the spatial ranks of the op list's ``spatial_dims`` (Conv 1-3, pooling
+    2-3). 3-D convolutions (X3D's Conv3d, its channel-wise 3x3x3 ones grouped) are noted: they parse to
+    ``addConvolutionNd``; their speed, in INT8 above all, is for a benchmark on the target GPU to tell."""
+    rank = len(shapes.get(node.input[0]) or []) or None
+    op = node.op_type
+    if rank is None:
+        add("warning", "spatial-rank", f"{op} input rank unknown: TensorRT takes {_dims_text(allowed)} only", node)
+        return
+    spatial = rank - 2
+    if spatial not in allowed:
+        add("error", "spatial-rank", f"{op} on a {rank}-D input ({spatial} spatial dims): TensorRT's parser takes "
+                                     f"{_dims_text(allowed)} only", node)
+    elif op == "Conv" and spatial == 3:
+        group = next((a.i for a in node.attribute if a.name == "group"), 1)
+        kind = "grouped (channel-wise when group = channels) 3-D convolution" if group > 1 else "3-D convolution"
+        add("note", "conv3d", f"{kind}: supported (addConvolutionNd, {', '.join(_CONV_TYPES)}; INT8 through Q/DQ); "
+                              "measure its tactics on the target GPU", node)
+
+
+_CONV_TYPES = ("FP32", "FP16", "BF16")
+# Resize attributes TensorRT's parser takes (trt_onnx_ops.json, Resize restrictions), with ONNX's defaults
+_RESIZE_OK = {"mode": ("nearest", ("nearest", "linear")),
+              "coordinate_transformation_mode": ("half_pixel", ("half_pixel", "pytorch_half_pixel",
+                                                                "tf_half_pixel_for_nn", "asymmetric", "align_corners")),
+              "keep_aspect_ratio_policy": ("stretch", ("stretch",))}
+
+
+def _check_resize(node: Any, add: Any) -> None:
+    """Resize (the X3D glance's 224 -> 160 bilinear): modes TensorRT implements, and no antialiasing."""
+    attrs = {a.name: a for a in node.attribute}
+    for name, (default, allowed) in _RESIZE_OK.items():
+        value = attrs[name].s.decode() if name in attrs else default
+        if value not in allowed:
+            add("error", "resize-mode", f"Resize {name}={value!r}: TensorRT supports {', '.join(allowed)}", node)
+    if "antialias" in attrs and attrs["antialias"].i:
+        add("error", "resize-antialias", "Resize with antialias=1: TensorRT does not antialias; resize without it "
+                                         "(upstream's glance resize has none)", node)
+
+
+def _dims_text(allowed: list[int]) -> str:
+    return " or ".join(f"{d}-D" for d in allowed)
 
 
 def _check_constant_axes(onnx: Any, node: Any, opset: int | None, constants: set[str], add: Any) -> None:

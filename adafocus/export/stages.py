@@ -1,4 +1,4 @@
-"""The exported stages as nn.Modules with named inputs and outputs, for both model families.
+"""The exported stages as nn.Modules with named inputs and outputs, for every model family (base, tsm, x3d).
 
 Each stage is one method of the reference model (``glance``, ``policy``, ``backbone``, ``head``) wrapped so that:
 
@@ -34,6 +34,10 @@ SIGNATURES: dict[tuple[str, str], tuple[tuple[str, ...], tuple[str, ...]]] = {
     ("tsm", "policy"): (("fmap", "vec"), ("actions", "weights")),
     ("tsm", "backbone"): (("patches",), ("features",)),
     ("tsm", "head"): (("features", "context"), ("logits",)),
+    ("x3d", "global"): (("frames",), ("fmap", "vec", "logits", "context")),
+    ("x3d", "policy"): (("fmap", "vec"), ("actions", "weights")),
+    ("x3d", "backbone"): (("patches",), ("features",)),
+    ("x3d", "head"): (("features", "context"), ("logits",)),
 }
 
 

@@ -77,7 +77,12 @@ class TsmFamily:
         pass
 
 
-FAMILIES = {"base": BaseFamily, "tsm": TsmFamily}
+class X3dFamily(TsmFamily):
+    """Uni-AdaFocus-X3D: as TSM, one focus step on the clip of all K patches cut with one box per video; the
+    backbone (X3D-L) gives the clip's pooled features, the head adds X3D-S's glance logits (``context``)."""
+
+
+FAMILIES = {"base": BaseFamily, "tsm": TsmFamily, "x3d": X3dFamily}
 
 
 # ------------------------------------------------------------------------------------------ helpers
