@@ -224,3 +224,27 @@ def test_urls_are_downloaded(corpus, tmp_path):
     got = {r["id"]: r for r in read_rows(tmp_path / "out")}
     assert (got["web"]["label"], got["web"]["exit_step"]) == ref[str(video)]
     assert got["gone"]["status"] == "error" and got["gone"]["error"].startswith(f"{base}/gone.mp4: cannot download")
+
+
+@pytest.mark.slow
+def test_ray_worker_error_is_one_line(ray_instance, tmp_path):
+    """A bundle changed after export passes the driver's manifest check; the actors refuse it when they verify the
+    checksums, and the job stops with that one line and writes nothing."""
+    import shutil
+
+    bundle = tmp_path / "bundle"
+    shutil.copytree(bundle_path(), bundle)
+    data = bytearray((bundle / "head.onnx").read_bytes())
+    data[-1] ^= 1
+    (bundle / "head.onnx").write_bytes(bytes(data))
+    config = BatchConfig(source=str(sample_videos_dir()), out=str(tmp_path / "out"), ray="auto",
+                         runner=RunnerOptions(bundle=str(bundle), threads=1))
+    with pytest.raises(AdaFocusError, match=r"^the Ray job failed: bundle file head.onnx does not match its sha256"):
+        run_batch(config)
+    assert not (tmp_path / "out").exists()
+
+
+def sample_videos_dir() -> Path:
+    from adafocus.demo.shipped import sample_videos
+
+    return sample_videos()[0].parent

@@ -114,3 +114,16 @@ def test_errors_are_json_and_the_server_stays_up(server):
     assert _call(server, "/healthz")[0] == 200
     status, body = _call(server, "/classify", sample_videos()[0].read_bytes())
     assert status == 200 and body["label"]
+
+
+def test_cli_errors_before_ray_starts(tmp_path, capsys):
+    from adafocus.cli import main
+
+    for args, message in (([str(tmp_path / "none")], f"error: bundle not found: {tmp_path / 'none'}"),
+                          (["--max-body", "0"], "error: --max-body and --timeout must be > 0"),
+                          (["--ray", "off"], "error: adafocus serve runs on Ray Serve"),
+                          (["--budget", "0.001"], "error: budget 0.001 GFLOPs is below the glance cost")):
+        with pytest.raises(SystemExit) as exc:
+            main(["serve", *args])
+        err = capsys.readouterr().err
+        assert exc.value.code == 1 and err.startswith(message) and err.count("\n") == 1, err

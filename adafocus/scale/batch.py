@@ -196,7 +196,7 @@ class _InProcessSession:
         self.pipe.close()
 
     def rows(self, items: list[VideoItem]) -> Iterator[list[dict]]:
-        budget = self.pipe.budget(self.config.runner.budget)
+        budget = self.pipe.budget(self.config.runner.budget, self.config.runner.average)
         size = self.config.task_size
         rows = iter_rows(self.pipe, items, budget, self.config.runner.batch)
         batch: list[dict] = []
@@ -224,22 +224,22 @@ class _RaySession:
         self.config, self.mode, self.log = config, mode, log
         self.startup_s = 0.0
         self.name = f"ray ({config.actors} actor{'s' if config.actors > 1 else ''})"
-        self._joined = None
+        self._stack = contextlib.ExitStack()
 
     def __enter__(self):
         from adafocus.scale.cluster import check_room, connect
 
-        self._joined = connect(self.mode, self.log)
-        self.startup_s = self._joined.__enter__().startup_s
-        try:
-            check_room(self.config.actors, self.config.cpus_per_actor, self.config.gpus_per_actor, "actors")
-        except BaseException:
-            self._joined.__exit__(None, None, None)
-            raise
+        c = self.config
+        if c.runner.device.strip().lower() != "cpu" and c.gpus_per_actor <= 0:
+            raise ConfigError("on Ray, actors run on a GPU with --gpus-per-actor G (--device is for --ray off)")
+        with contextlib.ExitStack() as stack:
+            self.startup_s = stack.enter_context(connect(self.mode, self.log)).startup_s
+            check_room(c.actors, c.cpus_per_actor, c.gpus_per_actor, "actors")
+            self._stack = stack.pop_all()
         return self
 
     def __exit__(self, *exc):
-        self._joined.__exit__(*exc)
+        self._stack.__exit__(*exc)
 
     def rows(self, items: list[VideoItem]) -> Iterator[list[dict]]:
         import ray.data
@@ -294,13 +294,17 @@ def _watched(batches: Iterator[list[dict]], timeout: float) -> Iterator[list[dic
         if isinstance(got, BaseException):
             if isinstance(got, AdaFocusError):
                 raise got
-            raise AdaFocusError(f"the Ray job failed: {type(got).__name__}: {_first_line(got)}") from got
+            raise AdaFocusError(f"the Ray job failed: {_reason(got)}") from got
         yield got
 
 
-def _first_line(exc: BaseException) -> str:
+def _reason(exc: BaseException) -> str:
+    """One line for a failed Ray job: the adafocus error a worker raised (Ray passes on its traceback as text),
+    else the exception's first line."""
     text = str(exc).strip()
-    return text.splitlines()[0] if text else ""
+    ours = [line.split(": ", 1)[1] for line in text.splitlines()
+            if line.startswith("adafocus.errors.") and ": " in line]
+    return ours[-1] if ours else f"{type(exc).__name__}: {text.splitlines()[0] if text else ''}"
 
 
 def _backend(ray: str, log: Log):

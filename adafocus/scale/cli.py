@@ -36,6 +36,7 @@ def register(app: typer.Typer) -> None:
         batch: int = typer.Option(4, "--batch", help="Videos in flight in each worker's step scheduler."),
         budget: str = typer.Option(None, "--budget", "-b", help="Per-video GFLOPs (e.g. 0.08) or a share of the "
                                    "dense cost (e.g. 30%)."),
+        average: bool = typer.Option(False, "--average", help="Treat --budget as a calibrated average over videos."),
         engine: str = typer.Option("auto", "--engine", "-e", help="auto, ort, ort-cuda, ort-tensorrt, tensorrt."),
         device: str = typer.Option("cpu", "--device", "-d", help="cpu or cuda[:N] (in-process)."),
         threads: int = typer.Option(None, "--threads", help="CPU threads per engine (default on Ray: "
@@ -57,7 +58,7 @@ def register(app: typer.Typer) -> None:
         from adafocus.scale.rows import RunnerOptions
 
         runner = RunnerOptions(bundle=str(model or _default_bundle()), engine=engine, device=device, threads=threads,
-                               budget=budget, batch=batch)
+                               budget=budget, average=average, batch=batch)
         config = BatchConfig(source=source, out=str(out), runner=runner, ray=ray, actors=actors,
                              cpus_per_actor=cpus_per_actor, gpus_per_actor=gpus_per_actor, task_size=task_size,
                              fmt=fmt, stall_timeout=stall_timeout)
@@ -78,6 +79,7 @@ def register(app: typer.Typer) -> None:
         replicas: int = typer.Option(1, "--replicas", help="Ray Serve replicas (each opens the bundle once)."),
         max_body: float = typer.Option(64.0, "--max-body", help="Largest upload accepted, in MB (larger: 413)."),
         budget: str = typer.Option(None, "--budget", "-b", help="Per-video GFLOPs or a share of the dense cost."),
+        average: bool = typer.Option(False, "--average", help="Treat --budget as a calibrated average over videos."),
         max_batch: int = typer.Option(8, "--max-batch", help="Requests batched into one scheduler run."),
         threads: int = typer.Option(None, "--threads", help="CPU threads per engine (default: --cpus-per-replica)."),
         cpus_per_replica: float = typer.Option(1.0, "--cpus-per-replica", help="CPUs each replica holds."),
@@ -92,7 +94,7 @@ def register(app: typer.Typer) -> None:
         from adafocus.scale.serve import ServeConfig, serve_forever
 
         config = ServeConfig(bundle=str(model or _default_bundle()), host=host, port=port, replicas=replicas,
-                             max_body_mb=max_body, budget=budget, max_batch=max_batch, threads=threads,
+                             max_body_mb=max_body, budget=budget, average=average, max_batch=max_batch, threads=threads,
                              cpus_per_replica=cpus_per_replica, gpus_per_replica=gpus_per_replica, timeout_s=timeout,
                              allow_paths=allow_paths, ray=ray)
         serve_forever(config, log=lambda s: typer.echo(s, err=True))

@@ -64,7 +64,6 @@ class PartWriter:
         self.out = Path(out)
         if self.out.exists() and not self.out.is_dir():
             raise ConfigError(f"--out {self.out} exists and is not a directory")
-        self.out.mkdir(parents=True, exist_ok=True)
         self.fmt = fmt
         self.part_rows = part_rows
         self.run = uuid.uuid4().hex[:8]
@@ -83,6 +82,7 @@ class PartWriter:
             self._pending = []
 
     def _write(self, rows: list[dict]) -> None:
+        self.out.mkdir(parents=True, exist_ok=True)  # made with the first part: a job that fails first leaves none
         path = self.out / f"part-{self.run}-{len(self.parts):05d}.{self.fmt}"
         if self.fmt == "jsonl":
             data = "".join(json.dumps(r) + "\n" for r in rows).encode()
@@ -99,6 +99,7 @@ class PartWriter:
 
 def write_summary(out: str | os.PathLike, summary: dict) -> Path:
     path = Path(out) / SUMMARY
+    path.parent.mkdir(parents=True, exist_ok=True)
     data = (json.dumps(summary, indent=2) + "\n").encode()
     atomic_write(path, lambda fh: fh.write(data))
     return path

@@ -40,6 +40,7 @@ class RunnerOptions:
     device: str = "cpu"
     threads: int | None = None  # CPU threads per engine (None: onnxruntime's default)
     budget: str | None = None  # per-video GFLOPs, a share of the dense cost, or None (the bundle's default)
+    average: bool = False  # the budget is a calibrated average over videos, not a per-video cap
     batch: int = 4  # videos in flight in the step scheduler
     chunk: str = "auto"
 
@@ -152,7 +153,7 @@ class RowClassifier:
     def __init__(self, options: RunnerOptions):
         self.options = options
         self.pipe = options.open()
-        self.budget = self.pipe.budget(options.budget)
+        self.budget = self.pipe.budget(options.budget, options.average)
 
     def __call__(self, batch):
         _maybe_fault()

@@ -41,6 +41,7 @@ class ServeConfig:
     replicas: int = 1
     max_body_mb: float = 64.0
     budget: str | None = None
+    average: bool = False  # the budget is a calibrated average over requests, not a per-video cap
     max_batch: int = 8  # requests per scheduler run
     max_ongoing: int = 64  # requests a replica accepts at once (more wait in the proxy)
     batch_wait_s: float = 0.005  # how long a replica waits for more requests to batch
@@ -61,6 +62,8 @@ class ServeConfig:
             raise ConfigError("--max-body and --timeout must be > 0")
         if self.cpus_per_replica <= 0 or self.gpus_per_replica < 0:
             raise ConfigError("--cpus-per-replica must be > 0 and --gpus-per-replica >= 0")
+        if self.ray.strip().lower() == "off":
+            raise ConfigError("adafocus serve runs on Ray Serve: --ray must be auto, local or a cluster address")
 
     @property
     def max_body(self) -> int:
@@ -87,7 +90,7 @@ class Classifier:
         device = "cuda" if config.gpus_per_replica > 0 else "cpu"
         threads = config.threads or max(1, int(config.cpus_per_replica))
         self.pipe = Pipeline.from_bundle(config.bundle, engine=config.engine, device=device, threads=threads)
-        self.budget = self.pipe.budget(config.budget)
+        self.budget = self.pipe.budget(config.budget, config.average)
         self.tmp = Path(tempfile.mkdtemp(prefix="adafocus-serve-"))
         self.served = 0
         self._batched = serve.batch(max_batch_size=config.max_batch,
@@ -262,12 +265,14 @@ def serve_forever(config: ServeConfig, log: Callable[[str], None] | None = None)
     import signal
 
     from adafocus.scale.cluster import connect
+    from adafocus.scale.rows import RunnerOptions, check_runner
 
     def interrupted(signum, frame):
         raise KeyboardInterrupt
 
     log = log or (lambda _msg: None)
     config.validate()
+    check_runner(RunnerOptions(bundle=config.bundle, budget=config.budget))  # before Ray starts
     previous = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
     for sig in previous:  # before Ray starts: a signal during start-up stops it too (and SIGINT is caught even
         signal.signal(sig, interrupted)  # where the shell started us with it ignored)
