@@ -248,3 +248,19 @@ def sample_videos_dir() -> Path:
     from adafocus.demo.shipped import sample_videos
 
     return sample_videos()[0].parent
+
+
+def test_interrupted_run_keeps_its_rows(corpus, tmp_path):
+    csv_path, rows, ref = corpus
+    out = tmp_path / "out"
+
+    def interrupt(done, total):
+        if done >= 5:
+            raise KeyboardInterrupt  # Ctrl-C after the first 5 rows
+
+    with pytest.raises(KeyboardInterrupt):
+        run_batch(_config(csv_path, out, ray="off", fmt="jsonl", task_size=5), progress=interrupt)
+    assert len(read_rows(out)) == 5
+    again = run_batch(_config(csv_path, out, ray="off", fmt="jsonl"))
+    assert (again.processed, again.skipped) == (len(rows) - 5, 5)
+    _check_rows(out, rows, ref)

@@ -118,23 +118,25 @@ def run_batch(config: BatchConfig, log: Log | None = None,
         finished: set[str] = set()
         run_rows: list[dict] = []
         rerun, first = 0, None
-        for attempt in range(2):  # the second pass runs ids missing after the first (should be none)
-            left = [it for it in todo if it.id not in finished]
-            if not left:
-                break
-            if attempt:
-                rerun = len(left)
-                log(f"{rerun} videos have no row after the first pass: running them again")
-            for rows in session.rows(left):
-                rows = [r for r in rows if r["id"] not in finished]  # a retried batch may repeat rows
-                finished.update(r["id"] for r in rows)
-                writer.add(rows)
-                run_rows += rows
-                if first is None:
-                    first = (time.perf_counter() - start, len(run_rows))
-                if progress:
-                    progress(len(finished), len(todo))
-        writer.flush()
+        try:
+            for attempt in range(2):  # the second pass runs ids missing after the first (should be none)
+                left = [it for it in todo if it.id not in finished]
+                if not left:
+                    break
+                if attempt:
+                    rerun = len(left)
+                    log(f"{rerun} videos have no row after the first pass: running them again")
+                for rows in session.rows(left):
+                    rows = [r for r in rows if r["id"] not in finished]  # a retried batch may repeat rows
+                    finished.update(r["id"] for r in rows)
+                    writer.add(rows)
+                    run_rows += rows
+                    if first is None:
+                        first = (time.perf_counter() - start, len(run_rows))
+                    if progress:
+                        progress(len(finished), len(todo))
+        finally:  # a job that stops (an error, Ctrl-C) keeps the rows it has: the next run resumes after them
+            writer.flush()
         seconds = time.perf_counter() - start
     missing = len(todo) - len(finished)
     summary = _summary(config, session, run_rows, skipped, seconds, writer, rerun, first)
