@@ -135,7 +135,8 @@ def test_replay_windows_by_timestamp(pipe, tmp_path):
     for w in got:
         want = pipe.preprocess(np.ascontiguousarray(frames[w.frame_numbers]))
         res = pipe(_decoded(pipe, path, want, w.frame_numbers))
-        assert (w.label, w.exit_step, w.gflops) == (res.label, res.exit_step, res.gflops)
+        assert (w.label, w.exit_step) == (res.label, res.exit_step)
+        assert w.gflops + w.gflops_saved == pytest.approx(res.gflops)  # the glance of shared frames reused
         assert w.missing_slots == 0 and w.frames_dropped == 0 and w.clock == "pts" and w.latency_ms > 0
         assert w.capture_t0 <= w.capture_t1
     assert all(np.isfinite(w.latency_ms) for w in got)
@@ -147,6 +148,35 @@ def _decoded(pipe, path, pre, numbers):
     d = DecodedVideo(str(path), None, np.asarray(numbers), len(numbers), 16.0, 80, 48, "stream", 0.0)
     d.preprocessed = pre
     return d
+
+
+def test_glance_reuse_takes_the_same_decisions(pipe, clips):
+    """Windows of 1 s every 0.5 s share half their glance frames: with reuse those are not encoded again
+    (4 of 8 per window after the first), and every decision and score is the one of the whole glance."""
+    runs = {}
+    for reuse in (False, True):
+        stop = threading.Event()
+        runs[reuse] = collect(stream(pipe, clips[0], window=1.0, stride=0.5, replay=True, reuse=reuse, stop=stop),
+                              30, stop)
+    plain, reused = runs[False], runs[True]
+    assert [w.glance_reused for w in reused] == [0, 4, 4] and [w.glance_reused for w in plain] == [0, 0, 0]
+    per_frame = pipe.manifest.costs.parts["glance encoder (per frame)"]
+    for a, b in zip(plain, reused, strict=True):
+        assert (a.label, a.exit_step, a.exit_reason) == (b.label, b.exit_step, b.exit_reason)
+        assert np.allclose([s["confidence"] for s in a.result.steps], [s["confidence"] for s in b.result.steps],
+                           rtol=1e-5, atol=1e-5)
+        assert b.gflops == pytest.approx(a.gflops - b.glance_reused * per_frame)
+
+
+def test_clock_falls_back_on_stalled_or_jumping_timestamps():
+    c = capture._Clock()
+    c.anchor(0.0, 10.0, 100.0)
+    assert [c.time(p, m) for p, m in ((10.0, 100.0), (10.5, 100.5), (11.0, 101.0))] == [0.0, 0.5, 1.0]
+    assert c.time(11.0, 101.25) == pytest.approx(1.25) and c.fallbacks == 1  # stalled: the receive clock
+    assert c.time(11.5, 101.75) == pytest.approx(1.75)
+    assert c.time(500.0, 102.0) == pytest.approx(2.0) and c.fallbacks == 2  # a jump: no 488 s gap
+    assert c.time(3.0, 102.5) == pytest.approx(2.5) and c.fallbacks == 3  # backwards: time still goes on
+    assert c.time(3.5, 103.0) == pytest.approx(3.0)
 
 
 def test_slower_stream_repeats_the_nearest_frame(pipe, tmp_path):

@@ -65,6 +65,8 @@ class WindowResult:
     width: int
     height: int
     missing_slots: int  # slots of this window without a frame of their own (the nearest one repeated)
+    glance_reused: int  # glance frames whose features came from an earlier window (not computed again)
+    gflops_saved: float  # the glance encoder's GFLOPs those frames would have cost (``gflops`` is net of it)
     clock: str  # "pts" or "receive"
     frame_numbers: list[int] = field(default_factory=list)  # source frame numbers of the window's slots
     result: Any = field(default=None, repr=False)  # the VideoResult
@@ -88,6 +90,7 @@ class StreamOptions:
     timeout: float = 10.0
     replay: bool = False
     clock: str = "pts"
+    reuse: bool = True  # the base family's glance features of frames shared by overlapping windows
 
     def checked(self) -> StreamOptions:
         if not (self.window and self.window > 0 and math.isfinite(self.window)):
@@ -100,7 +103,7 @@ class StreamOptions:
         if not self.timeout > 0:
             raise ConfigError(f"--timeout must be > 0 seconds, got {self.timeout}")
         return StreamOptions(window=float(self.window), stride=float(stride), reconnect=int(self.reconnect),
-                             timeout=float(self.timeout), replay=self.replay, clock=self.clock)
+                             timeout=float(self.timeout), replay=self.replay, clock=self.clock, reuse=self.reuse)
 
 
 class StreamSource:
@@ -129,6 +132,20 @@ class StreamSource:
         self.latencies: list[float] = []
         self.late = 0
         self.started = time.time()
+        self.reuse, self.reuse_off = None, "off" if not opts.reuse else "off (windows do not overlap)"
+        if opts.reuse and opts.stride < opts.window:  # windows overlap: their shared frames are glanced once
+            from adafocus.runtime.stream_reuse import GlanceReuse
+
+            self.reuse, self.reuse_off = GlanceReuse.build(pipe)
+        parts = pipe.manifest.costs.parts or {}
+        self.frame_gflops = float(parts.get("glance encoder (per frame)", 0.0))  # what a reused frame saves
+        self.gflops_saved = 0.0
+
+    def close(self) -> None:
+        self.capture.stop()
+        if self.reuse is not None:
+            self.reuse.close()
+            self.reuse = None
 
     def ready(self):
         """The next window's frames once its last slot is final (skipping to the newest complete one), or None."""
@@ -163,7 +180,10 @@ class StreamSource:
         decoded = DecodedVideo(self.name, None, w.frame_nos[pos], self.slots, 1.0 / self.slot_s, w.width, w.height,
                                "stream", 0.0)
         decoded.preprocessed = w.frames[pos]
-        res = self.pipe(decoded, budget, topk)
+        res = self.pipe(decoded, budget, topk) if self.reuse is None else self._run_reusing(decoded, w, budget, topk)
+        reused = self.reuse.last_reused if self.reuse is not None else 0
+        saved = reused * self.frame_gflops
+        self.gflops_saved += saved
         now = time.time()
         wall_of = dict(zip(w.frame_nos.tolist(), w.walls.tolist(), strict=True))
         newest_used = max(wall_of[f] for f in res.frames_used)
@@ -176,10 +196,24 @@ class StreamSource:
         return WindowResult(
             source=self.name, window=number, t0=first * self.slot_s, t1=t1,
             capture_t0=float(w.walls.min()), capture_t1=float(w.walls.max()), label=res.label, score=res.score,
-            topk=res.topk, exit_step=res.exit_step, exit_reason=res.exit_reason, gflops=res.gflops,
+            topk=res.topk, exit_step=res.exit_step, exit_reason=res.exit_reason, gflops=res.gflops - saved,
             latency_ms=latency, behind_s=max(0.0, newest - t1), frames_dropped=st.slots_dropped,
             windows_skipped=self.skipped, reconnects=st.reconnects, frames_read=st.frames_read, width=w.width,
-            height=w.height, missing_slots=w.missing, clock=st.clock, frame_numbers=w.frame_nos.tolist(), result=res)
+            height=w.height, missing_slots=w.missing, glance_reused=reused, gflops_saved=saved, clock=st.clock,
+            frame_numbers=w.frame_nos.tolist(), result=res)
+
+    def _run_reusing(self, decoded, w, budget, topk: int):
+        """The window through the pipeline's step loop with the glance engine swapped for the reuse."""
+        pipe = self.pipe
+        glance = np.asarray(pipe.pre.glance_positions)
+        ids, nos = np.asarray(w.ids)[self.positions][glance], w.frame_nos[self.positions][glance]
+        self.reuse.expect(list(zip(ids.tolist(), nos.tolist(), strict=True)))
+        sched = pipe.scheduler()
+        sched.engines = {**sched.engines, "global": self.reuse}
+        (done,) = list(sched.run([pipe._flight(decoded, budget)]))
+        if done.error is not None:
+            raise done.error
+        return pipe._result(done, topk)
 
     def summary(self, ended: str) -> dict:
         lat = np.asarray(self.latencies) if self.latencies else np.zeros(0)
@@ -191,12 +225,15 @@ class StreamSource:
                 "late": self.late, "windows_skipped": self.skipped, "frames_read": st.frames_read,
                 "frames_kept": st.frames_kept, "frames_skipped": st.frames_skipped, "frames_dropped": st.slots_dropped,
                 "reconnects": st.reconnects, "clock": st.clock, "pts_fallbacks": st.pts_fallbacks,
+                "glance_reused": self.reuse.reused if self.reuse else 0,
+                "glance_encoded": self.reuse.encoded if self.reuse else None,
+                "gflops_saved": round(self.gflops_saved, 6), "glance_reuse": self.reuse_off or "on",
                 "seconds": round(time.time() - self.started, 3)}
 
 
-def _options(window, stride, reconnect, timeout, replay, clock) -> StreamOptions:
+def _options(window, stride, reconnect, timeout, replay, clock, reuse=True) -> StreamOptions:
     return StreamOptions(window=DEFAULT_WINDOW_S if window is None else window, stride=stride, reconnect=reconnect,
-                         timeout=timeout, replay=replay, clock=clock).checked()
+                         timeout=timeout, replay=replay, clock=clock, reuse=reuse).checked()
 
 
 def _windows(sources: list[StreamSource], budget, topk: int, stop: threading.Event, wake: threading.Event,
@@ -225,14 +262,14 @@ def _windows(sources: list[StreamSource], budget, topk: int, stop: threading.Eve
 
 
 def stream(pipe, source, window: float | None = None, stride: float | None = None, budget=None, topk: int = 5,
-           replay: bool = False, reconnect: int = 3, timeout: float = 10.0, clock: str = "pts",
+           replay: bool = False, reconnect: int = 3, timeout: float = 10.0, clock: str = "pts", reuse: bool = True,
            stop: threading.Event | None = None) -> Iterator[WindowResult]:
     """Iterate window results of a live ``source`` (see ``Pipeline.stream``); a lost source (after its
     reconnect tries) raises VideoError after the windows it gave. ``stop`` (an Event) ends it cleanly; so
     does closing the iterator. The capture is released at the end either way."""
     from adafocus.runtime.budget import Budget
 
-    opts = _options(window, stride, reconnect, timeout, replay, clock)
+    opts = _options(window, stride, reconnect, timeout, replay, clock, reuse)
     plan = budget if isinstance(budget, Budget) else pipe.budget(budget)
     wake, stop = threading.Event(), stop or threading.Event()
     src = StreamSource(pipe, source, opts, wake)
@@ -241,7 +278,7 @@ def stream(pipe, source, window: float | None = None, stride: float | None = Non
     try:
         yield from _windows([src], plan, topk, stop, wake, ended)
     finally:
-        src.capture.stop()
+        src.close()
     if src.capture.error is not None and not stop.is_set():
         raise src.capture.error
 
@@ -298,17 +335,15 @@ def run_streams(pipe, sources: list[str], plan, *, window: float | None, stride:
     srcs = [StreamSource(pipe, s, opts, wake) for s in sources]
     ended: dict[str, str] = {}
     caught: list[str] = []
-    started: list[StreamSource] = []
     try:
         with _signals(stop, caught):
             for src in srcs:  # a source that does not open fails here, in one line, before any window
                 src.capture.start()
-                started.append(src)
             for w in _windows(srcs, plan, topk, stop, wake, ended):
                 print(json.dumps(w.to_dict()) if as_json else format_line(w), flush=True)
     finally:
-        for src in started:
-            src.capture.stop()
+        for src in srcs:
+            src.close()
     failed = False
     for src in srcs:
         why = ended.get(src.name, "stopped")
