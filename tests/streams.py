@@ -10,6 +10,7 @@ import json
 import os
 import select
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -21,7 +22,7 @@ pytest.importorskip("av")  # the stream extra (in dev): PyAV muxes the served st
 
 
 class StreamServer:
-    """Serves ``videos`` one after another at their frame rate as MPEG-TS over ``scheme`` (tcp or http)."""
+    """Serves ``videos`` one after another at their frame rate as MPEG-TS over ``scheme`` (tcp, http or udp)."""
 
     def __init__(self, videos: list[str | os.PathLike], scheme: str = "tcp", port: int = 0, fps: float | None = None,
                  loop: bool = False):
@@ -33,6 +34,10 @@ class StreamServer:
     def start(self, videos: list[str | os.PathLike] | None = None, timeout: float = 20.0) -> StreamServer:
         if videos is not None:
             self.videos = [str(v) for v in videos]
+        if self.scheme == "udp" and not self.port:  # pushed to a port the receiver will bind
+            with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as probe:
+                probe.bind(("127.0.0.1", 0))
+                self.port = probe.getsockname()[1]
         path = "/live" if self.scheme == "http" else ""
         cmd = [sys.executable, "-m", "adafocus.runtime.stream_serve", f"{self.scheme}://127.0.0.1:{self.port}{path}",
                *self.videos]

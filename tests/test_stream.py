@@ -179,6 +179,26 @@ def test_clock_falls_back_on_stalled_or_jumping_timestamps():
     assert c.time(3.5, 103.0) == pytest.approx(3.0)
 
 
+def test_two_sources_in_one_run(pipe, clips, capsys):
+    """Two files replayed side by side through one pipeline: each gets its windows and its summary."""
+    import json
+
+    from adafocus.runtime.stream import run_streams
+
+    rc = run_streams(pipe, clips[:2], pipe.budget(None), window=1.0, stride=1.0, reconnect=0, timeout=5,
+                     replay=True, topk=3, as_json=True)
+    lines = [json.loads(x) for x in capsys.readouterr().out.splitlines()]
+    assert rc == 0
+    for clip in clips[:2]:
+        mine = [x for x in lines if x.get("source") == clip]
+        assert [(x["t0"], x["t1"]) for x in mine] == [(0.0, 1.0), (1.0, 2.0)]
+        assert all(len(x["topk"]) == 3 and x["label"] == Path(clip).stem for x in mine)
+    summaries = [x["summary"] for x in lines if "summary" in x]
+    assert sorted(x["source"] for x in summaries) == sorted(clips[:2])
+    assert all(x["ended"] == "end of stream" and x["windows"] == 2 and x["glance_reuse"].startswith("off")
+               for x in summaries)
+
+
 def test_slower_stream_repeats_the_nearest_frame(pipe, tmp_path):
     """A 4 fps stream under 8 slots a second: every other slot repeats its neighbour, counted as missing."""
     path = videos.make_numbered_video(tmp_path / "slow.mp4", 10, fps=4.0)
@@ -196,7 +216,7 @@ def test_consumer_slower_than_the_stream_drops_and_stays_live(pipe, tmp_path):
     path = videos.make_numbered_video(tmp_path / "fast.mp4", 64, fps=16.0)
     stop = threading.Event()
     got = collect(stream(pipe, str(path), window=1.0, stride=0.25, replay=True, stop=stop), 40, stop,
-                  each=lambda w: stop.wait(0.9))
+                  each=lambda w: stop.wait(1.6))  # longer than a window: some slots are never used
     assert len(got) >= 2
     assert got[-1].windows_skipped > 0 and got[-1].frames_dropped > 0
     for w in got:  # never more than a stride (+ one slot being filled) behind the newest frame read
@@ -222,6 +242,17 @@ def test_live_tcp_stream_labels_and_clock(pipe, clips):
         assert w.frame_numbers == list(range(32 * k + 1, 32 * k + 32, 2))  # the file decode's frames
         assert w.label == name
         assert w.width == w.height == 128 and w.clock == "pts"
+
+
+@pytest.mark.slow
+def test_udp_stream(pipe, clips):
+    """MPEG-TS pushed over UDP to 127.0.0.1 (a receiver binds the port): windows come, by PTS."""
+    with StreamServer(clips, scheme="udp", loop=True) as srv:
+        stop = threading.Event()
+        got = collect(stream(pipe, srv.url, window=1.0, stride=1.0, timeout=5, reconnect=0, stop=stop), 40, stop,
+                      count=2)
+    assert [w.t1 - w.t0 for w in got] == [1.0, 1.0] and got[1].t0 == got[0].t1
+    assert all(w.clock == "pts" and w.missing_slots == 0 for w in got)
 
 
 @pytest.mark.slow

@@ -317,6 +317,7 @@ def format_summary(s: dict) -> str:
             f"{ms(s['latency_ms_p50'])} ms p95 {ms(s['latency_ms_p95'])} ms max {ms(s['latency_ms_max'])} ms, "
             f"{s['late']} late, {s['windows_skipped']} skipped; frames read {s['frames_read']}, kept "
             f"{s['frames_kept']}, dropped {s['frames_dropped']}; reconnects {s['reconnects']}; clock {s['clock']}; "
+            f"glance reuse {s['glance_reuse']} ({s['glance_reused']} frames, {s['gflops_saved']:.4g} GFLOPs saved); "
             f"ended: {s['ended']}")
 
 

@@ -1,11 +1,13 @@
 """A local live stream for tests and demos: video files played one after another, at their frame rate, as
-MPEG-TS over TCP or HTTP on 127.0.0.1 (PyAV muxes; the ``stream`` extra).
+MPEG-TS over TCP, HTTP or UDP on 127.0.0.1 (PyAV muxes; the ``stream`` extra).
 
     python -m adafocus.runtime.stream_serve tcp://127.0.0.1:0 a.mp4 b.mp4 [--fps 16] [--loop]
     python -m adafocus.runtime.stream_serve http://127.0.0.1:8554/live a.mp4
+    python -m adafocus.runtime.stream_serve udp://127.0.0.1:5000 a.mp4     # pushed to the receiver's port
 
 The server binds the socket itself (port 0: the OS picks one) and prints one JSON line on stdout,
-``{"url": ...}``, once it accepts connections, so a caller never races the listen. Each client gets the
+``{"url": ...}``, once it accepts connections, so a caller never races the listen (UDP is pushed to the
+given port from the start: a receiver that joins late starts at the next keyframe). Each client gets the
 stream from its first frame, paced at real time from its connection (frame ``i`` is sent at
 ``i / fps`` seconds, with presentation timestamps ``i / fps``): what a camera or an RTSP relay delivers,
 reproducibly. H.264 (libx264, ``zerolatency``: no B-frames, no lookahead), a keyframe every second so that a
@@ -105,7 +107,7 @@ def mux(out, cfg: ServeConfig, fps: float) -> int:
         if stream is not None:
             container.mux(stream.encode(None))
         container.close()
-    except (BrokenPipeError, ConnectionResetError, OSError):
+    except (BrokenPipeError, ConnectionResetError, OSError, EOFError):
         pass  # the client left (or was killed): nothing to flush to
     return sent
 
@@ -129,11 +131,17 @@ def serve(cfg: ServeConfig) -> None:
 
     require("av", "stream", "serving a local stream")
     parsed = urlparse(cfg.url)
-    if parsed.scheme not in ("tcp", "http"):
-        raise ConfigError(f"{cfg.url}: serve tcp://HOST:PORT or http://HOST:PORT/PATH")
+    if parsed.scheme not in ("tcp", "http", "udp"):
+        raise ConfigError(f"{cfg.url}: serve tcp://HOST:PORT, http://HOST:PORT/PATH or udp://HOST:PORT")
     if not cfg.videos:
         raise ConfigError("give at least one video to serve")
     fps = cfg.fps or video_fps(cfg.videos[0])
+    if parsed.scheme == "udp":  # pushed to HOST:PORT whether or not anyone listens, as a UDP camera does
+        if not parsed.port:
+            raise ConfigError(f"{cfg.url}: UDP needs the receiver's port")
+        print(json.dumps({"url": f"udp://{parsed.hostname}:{parsed.port}", "fps": fps}), flush=True)
+        mux(f"udp://{parsed.hostname}:{parsed.port}?pkt_size=1316", cfg, fps)
+        return
     host = parsed.hostname or "127.0.0.1"
     srv = socket.create_server((host, parsed.port or 0))
     port = srv.getsockname()[1]
