@@ -88,7 +88,7 @@ class StreamOptions:
     stride: float | None = None  # None: the window (no overlap)
     reconnect: int = 3
     timeout: float = 10.0
-    replay: bool = False
+    replay: bool = False  # the CLI's --stream; a file source is played at its own rate either way
     clock: str = "pts"
     reuse: bool = True  # the base family's glance features of frames shared by overlapping windows
 
@@ -121,9 +121,10 @@ class StreamSource:
         self.stride_slots = max(1, int(round(opts.stride / self.slot_s)))
         self.positions = pipe.sample_indices(self.slots)  # rows of a window's slots the model reads
         pre = partial(preprocess_one, resize_size=p.resize_size, crop_size=p.frame_size, mean=p.mean, std=p.std)
+        replay = source_kind(self.name) == "file"  # a file is always played at its own rate, to its end
         self.capture = Capture(CaptureConfig(source=self.name, slot_s=self.slot_s,
                                              keep=self.slots + self.stride_slots + 1, preprocess=pre,
-                                             timeout=opts.timeout, reconnect=opts.reconnect, replay=opts.replay,
+                                             timeout=opts.timeout, reconnect=opts.reconnect, replay=replay,
                                              clock=opts.clock), wake)
         self.next = 0  # first slot of the next window
         self.window_no = 0
@@ -245,13 +246,14 @@ def _windows(sources: list[StreamSource], budget, topk: int, stop: threading.Eve
         wake.clear()
         progressed = False
         for src in list(active):
+            done = src.capture.ended  # read first: once ended, the newest frame's slot is final too
             item = src.ready()
             if item is not None:
                 progressed = True
                 yield src.run(item, budget, topk)
                 if stop.is_set():
                     break
-            elif src.capture.ended and src.ready() is None:
+            elif done:
                 err = src.capture.error
                 ended[src.name] = f"error: {err}" if err is not None else "end of stream"
                 active.remove(src)
