@@ -430,3 +430,14 @@ def test_flops_match_upstream_table():
     assert r.parts["local encoder (per patch)"] * 32 + r.parts["local classifier (per step)"] == pytest.approx(
         5.984521, rel=1e-4)
     assert r.policy == pytest.approx(0.376218 + 0.001525, rel=1e-4)
+
+
+def test_dense_baseline_is_x3d_l_on_every_candidate():
+    """The dense cost (extrapolated from 1 and 2 frames) equals X3D-L run on all N candidates in one clip."""
+    from adafocus.models.flops import MacCounter
+
+    cfg = preset_config("x3d-tiny")
+    model = build_model(cfg).eval()
+    with torch.no_grad(), MacCounter(model.local_CNN) as count:
+        model.local_CNN(torch.randn(1, 3, cfg.candidates, cfg.frame_size, cfg.frame_size))
+    assert count_flops("x3d-tiny").dense == pytest.approx(count.total() / 1e9, rel=1e-12)

@@ -201,3 +201,15 @@ def test_cli_init_flops_and_presets_know_x3d(tmp_path, capsys):
     with pytest.raises(SystemExit) as exc:
         main(["flops", "--preset", PRESET])
     assert exc.value.code == 0 and "cumulative at exit: 0:" in capsys.readouterr().out
+
+
+def test_fp32_bounds_follow_pytorchs_own_fp64_drift(exported):
+    """fp32 bounds: 1e-4 of the scale, or 2x PyTorch fp32's own distance from fp64 where that is larger (a deep
+    random-weight X3D); every fp32 stage output records that drift."""
+    from adafocus.export.verify import TOLERANCES
+
+    tol = TOLERANCES["fp32"]
+    assert tol.bound(2.0, drift64=1e-6) == pytest.approx(2e-4)
+    assert tol.bound(2.0, drift64=3e-3) == pytest.approx(6e-3)
+    stages = load_bundle(exported).manifest.verification["stages"]
+    assert stages and all(c["drift"] is not None and c["max_abs"] <= c["bound"] for c in stages)
