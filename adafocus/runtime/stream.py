@@ -141,6 +141,7 @@ class StreamSource:
         parts = pipe.manifest.costs.parts or {}
         self.frame_gflops = float(parts.get("glance encoder (per frame)", 0.0))  # what a reused frame saves
         self.gflops_saved = 0.0
+        self.glance_reused = 0
 
     def close(self) -> None:
         self.capture.stop()
@@ -185,6 +186,7 @@ class StreamSource:
         reused = self.reuse.last_reused if self.reuse is not None else 0
         saved = reused * self.frame_gflops
         self.gflops_saved += saved
+        self.glance_reused += reused
         now = time.time()
         wall_of = dict(zip(w.frame_nos.tolist(), w.walls.tolist(), strict=True))
         newest_used = max(wall_of[f] for f in res.frames_used)
@@ -226,8 +228,7 @@ class StreamSource:
                 "late": self.late, "windows_skipped": self.skipped, "frames_read": st.frames_read,
                 "frames_kept": st.frames_kept, "frames_skipped": st.frames_skipped, "frames_dropped": st.slots_dropped,
                 "reconnects": st.reconnects, "clock": st.clock, "pts_fallbacks": st.pts_fallbacks,
-                "glance_reused": self.reuse.reused if self.reuse else 0,
-                "glance_encoded": self.reuse.encoded if self.reuse else None,
+                "glance_reused": self.glance_reused,
                 "gflops_saved": round(self.gflops_saved, 6), "glance_reuse": self.reuse_off or "on",
                 "seconds": round(time.time() - self.started, 3)}
 
@@ -320,11 +321,12 @@ def format_summary(s: dict) -> str:
             f"{s['late']} late, {s['windows_skipped']} skipped; frames read {s['frames_read']}, kept "
             f"{s['frames_kept']}, dropped {s['frames_dropped']}; reconnects {s['reconnects']}; clock {s['clock']}; "
             f"glance reuse {s['glance_reuse']} ({s['glance_reused']} frames, {s['gflops_saved']:.4g} GFLOPs saved); "
-            f"ended: {s['ended']}")
+            f"ended: {s['ended'].split(':', 1)[0]}")  # an error's own line follows
 
 
 def run_streams(pipe, sources: list[str], plan, *, window: float | None, stride: float | None, reconnect: int,
-                timeout: float, replay: bool, topk: int, as_json: bool, clock: str = "pts") -> int:
+                timeout: float, replay: bool, topk: int, as_json: bool, clock: str = "pts",
+                reuse: bool = True) -> int:
     """``adafocus-run SOURCE``: print one line (table) or JSON object per window and a summary per source at
     the end of the streams or on SIGINT / SIGTERM; return the exit code: 0 when every source ended (or was
     stopped by a signal: the usual end of a live run, with its summary), 1 when one failed (its line on
@@ -333,7 +335,7 @@ def run_streams(pipe, sources: list[str], plan, *, window: float | None, stride:
 
     if not sources:
         raise ConfigError("give a stream source (a URL, a camera index, /dev/videoN, or --stream FILE)")
-    opts = _options(window, stride, reconnect, timeout, replay, clock)
+    opts = _options(window, stride, reconnect, timeout, replay, clock, reuse)
     wake, stop = threading.Event(), threading.Event()
     srcs = [StreamSource(pipe, s, opts, wake) for s in sources]
     ended: dict[str, str] = {}
