@@ -150,6 +150,17 @@ def _decoded(pipe, path, pre, numbers):
     return d
 
 
+def test_capture_stop_releases_the_source(tmp_path):
+    path = videos.make_numbered_video(tmp_path / "long.mp4", 200, fps=16.0)
+    cap = capture.Capture(capture.CaptureConfig(source=str(path), slot_s=0.125, keep=4, replay=True,
+                                                preprocess=lambda rgb: rgb.astype(np.float32)))
+    cap.start()
+    assert cap.wake.wait(20) and not cap.released
+    cap.stop(wait=20)  # the thread ends at once (its pacing wait is the stop event); 20 s only bounds a hang
+    assert cap.released and cap.ended and cap.error is None  # stopped long before the file's 12.5 s
+    assert len(cap.ring) <= 4
+
+
 def test_glance_reuse_takes_the_same_decisions(pipe, clips):
     """Windows of 1 s every 0.5 s share half their glance frames: with reuse those are not encoded again
     (4 of 8 per window after the first), and every decision and score is the one of the whole glance."""
@@ -310,3 +321,14 @@ def test_signal_ends_cleanly_with_the_summary(clips, sig):
     last = out.strip().splitlines()[-1]
     assert last.startswith('{"summary": ') and f'"ended": "stopped ({sig.name})"' in last
     assert took < 10  # generous on a loaded machine; without the handler it would run until timeout=20
+
+
+def test_stream_modules_import_no_heavy_dependency():
+    """The edge install runs streams: torch, ray, PyAV and onnx are imported only where used (the server,
+    the glance cut), never on import."""
+    code = ("import sys, adafocus.runtime.stream, adafocus.runtime.capture, adafocus.runtime.stream_reuse, "
+            "adafocus.runtime.stream_serve, adafocus.runtime.stream_bench\n"
+            "bad = [m for m in ('torch', 'ray', 'av', 'onnx') if m in sys.modules]\n"
+            "assert not bad, bad\n")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, cwd=ROOT)
+    assert proc.returncode == 0, proc.stderr

@@ -224,7 +224,7 @@ class Capture:
         self.lock = threading.Lock()  # guards the ring, newest_t, segment
         self.wake = wake or threading.Event()  # set at every frame, error and end (may be shared by sources)
         self._stop = threading.Event()
-        self._clock = _Clock(receive=cfg.clock == "receive")
+        self._clock = _Clock(receive=cfg.clock == "receive" and not cfg.replay)  # a file is paced by its PTS
         self._cap: cv2.VideoCapture | None = None
         self._thread: threading.Thread | None = None
 
