@@ -2,9 +2,9 @@
 
 The official side is rebuilt HERE from shared/X3D.md with plain torch ops on a state dict, not from adafocus's
 modules: the key names and shapes are generated from the spec's tables, the X3D forward is functional
-(``F.conv3d`` / ``F.batch_norm`` / ``F.avg_pool3d`` with the fixed head kernel), the glance resize, the
-``affine_grid`` crop and the torch sampler (no clamp) are written the upstream way, views are folded crop-major
-into the batch and averaged afterwards. An official-format file (``module.`` keys, ``epoch``, ``arch``,
+(``F.conv3d`` / ``F.batch_norm`` / ``F.avg_pool3d`` with the fixed head kernel), the glance resize is written
+the upstream way, the ``affine_grid`` crop and the torch sampler (no clamp) are tests/test_tsm.py's rebuilds of
+the same upstream functions, views are folded crop-major into the batch and averaged afterwards. An official-format file (``module.`` keys, ``epoch``, ``arch``,
 ``optimizer``, ``best_prec1``, ``scaler``) with random weights and BatchNorm statistics taken (and perturbed)
 from a calibration batch must load strictly into the preset and give the same logits at both exits.
 """
@@ -18,6 +18,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from bundles import one_torch_thread
+from test_tsm import ref_crop, ref_sample  # upstream's TSM/X3D sampler (no clamp) and crop, rebuilt there
 
 from adafocus.errors import CheckpointError, ConfigError
 from adafocus.models import build_model, load
@@ -194,37 +195,6 @@ class Official:
         x = F.relu(self.bn(F.conv2d(x, sd[f"{t}.3.weight"], padding=(1, 0)), f"{t}.4"))
         return torch.softmax(F.conv2d(x, sd[f"{t}.6.weight"]).flatten(1), dim=1)
 
-    @staticmethod
-    def sample(weights, n, tg, k):
-        """``policy_sample_indices`` at eval, no clamp, with the batch offset."""
-        b = weights.shape[0]
-        cdf = torch.cat([torch.zeros(b, 1), weights.cumsum(dim=1)], dim=1)
-        cdf[:, -1] = 1.0
-        y = ((torch.arange(k).float() + 0.5) / k).repeat(b, 1)
-        j = (cdf.unsqueeze(2) >= y.unsqueeze(1)).max(dim=1)[1] - 1
-        x1, x2 = j / tg, (j + 1) / tg
-        y1, y2 = cdf.gather(1, j), cdf.gather(1, j + 1)
-        idx = torch.floor((x2 * (y - y1) - x1 * (y - y2)) / (y2 - y1) * n).long()
-        for i in range(1, k):
-            idx[:, i] = torch.where(idx[:, i] > idx[:, i - 1], idx[:, i], idx[:, i - 1] + 1)
-        lim = (n - k + torch.arange(k)).unsqueeze(0)
-        idx = torch.where(idx > lim, lim, idx)
-        return idx + torch.arange(b).unsqueeze(1) * n
-
-    def crop(self, frames, action):
-        """``get_patch_grid_scalexy`` (affine_grid + grid_sample defaults), boxes crop_min..crop_max px."""
-        c = self.cfg
-        b, p, size = action.shape[0], c.patch_size, frames.shape[-1]
-        scale = action[:, 2:4] * (c.crop_max - c.crop_min) / p + c.crop_min / p
-        corner = action[:, :2] * (size - p * scale)
-        x1, x2 = corner[:, 1], corner[:, 1] + p * scale[:, 1]
-        y1, y2 = corner[:, 0], corner[:, 0] + p * scale[:, 0]
-        theta = torch.zeros(b, 2, 3)
-        theta[:, 0, 0], theta[:, 1, 1] = p * scale[:, 1] / size, p * scale[:, 0] / size
-        theta[:, 0, 2], theta[:, 1, 2] = -1 + (x1 + x2) / size, -1 + (y1 + y2) / size
-        grid = F.affine_grid(theta, [b, 3, p, p], align_corners=False)
-        return F.grid_sample(frames, grid, align_corners=False)
-
     @torch.no_grad()
     def __call__(self, images_glance, images_input, views: int = 1):
         """[B, V*Tg*3, S, S], [B, V*N*3, S, S] -> exits [B, 2, C] averaged over views, focus indices, action."""
@@ -241,15 +211,16 @@ class Official:
         g_feat = g_feat.permute(0, 2, 1).reshape(-1, g_feat.shape[1])
         g_avg = self.mlp("global_CNN_head", g_feat).view(-1, tg, c.num_classes).mean(1)
         weights = self.temporal(g_feat)
-        idx = self.sample(weights, n, tg, k)
+        local_idx = ref_sample(weights, n, tg, k)  # upstream's sampler without the clamp (test_tsm's rebuild)
+        idx = local_idx + torch.arange(local_idx.shape[0]).unsqueeze(1) * n
         focus = images_input.reshape(-1, 3, s, s)[idx.view(-1)].view(-1, k * 3, s, s)
         action = self.spatial(g_maps)
-        patches = self.crop(focus, action)
+        patches = ref_crop(focus, action, s, c.patch_size, c.crop_min, c.crop_max)  # affine_grid + grid_sample
         local = patches.view(-1, k, 3, c.patch_size, c.patch_size).permute(0, 2, 1, 3, 4)
         l_final, _, _ = self.x3d("local_CNN", ls, local, c.patch_size)
         exit0 = g_avg.reshape(-1, views, c.num_classes).mean(1)
         exit1 = (g_final + l_final).reshape(-1, views, c.num_classes).mean(1)
-        return torch.stack([exit0, exit1], dim=1), idx - torch.arange(idx.shape[0]).unsqueeze(1) * n, action, weights
+        return torch.stack([exit0, exit1], dim=1), local_idx, action, weights
 
 
 def inputs(cfg: ModelConfig, batch: int, views: int = 1, seed: int = 0):
