@@ -71,7 +71,8 @@ class GlanceReuse:
         from adafocus.engines.ort import OrtEngine
 
         if pipe.family != "base":
-            return None, f"the {pipe.family} family's glance mixes frames (temporal shift): no per-frame reuse"
+            return None, (f"the {pipe.family} family's glance mixes frames in time (TSM: temporal shift; X3D: "
+                          "3-D convolutions): no per-frame reuse")
         engine = pipe.engines.get("global")
         if not isinstance(engine, OrtEngine) or pipe.device != "cpu":
             return None, "glance reuse runs on the CPU onnxruntime engine only"
