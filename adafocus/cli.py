@@ -513,6 +513,10 @@ def run_cmd(
     stride: float = typer.Option(None, "--stride", help="Live streams: seconds between results (default: the window)."),
     reconnect: int = typer.Option(3, "--reconnect", help="Live streams: reconnect tries with backoff (0: give up)."),
     timeout: float = typer.Option(10.0, "--timeout", help="Live streams: open and read timeout in seconds."),
+    clock: str = typer.Option("pts", "--clock", help="Live streams: cut windows by presentation timestamps (pts) "
+                              "or arrival (receive)."),
+    reuse: bool = typer.Option(True, "--reuse/--no-reuse", help="Live streams: glance each frame once across "
+                               "overlapping windows (base family)."),
     explain: bool = typer.Option(False, "--explain", help="Print the plan: the profile used, the chunks chosen "
                                  "and the predicted time per step."),
     includes_decode: bool = typer.Option(False, "--deadline-includes-decode", help="A time budget (--budget "
@@ -525,6 +529,8 @@ def run_cmd(
     bundle = model or _default_bundle()
     live = stream or any(is_stream_source(v) for v in videos or [])
     if live:
+        if save_vis is not None or batch != 1:
+            raise ConfigError("--save-vis and --batch are for video files, not live streams")
         paths = list(videos or [])
     else:
         paths = expand_videos(videos) if videos else _default_videos()  # VideoError for a dir or glob without video
@@ -541,7 +547,7 @@ def run_cmd(
             _explain(pipe, plan)
         if live:
             return run_streams(pipe, paths, plan, window=window, stride=stride, reconnect=reconnect,
-                               timeout=timeout, replay=stream, topk=topk, as_json=as_json)
+                               timeout=timeout, replay=stream, topk=topk, as_json=as_json, clock=clock, reuse=reuse)
         results, failures = _run_videos(pipe, paths, plan, topk, as_json, save_vis, batch)
     if not as_json:
         _print_table(results)

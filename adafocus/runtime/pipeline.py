@@ -250,13 +250,15 @@ class Pipeline:
         """Whether candidates are preprocessed on first use (the CPU base family: glance frames are candidates)."""
         return not self._on_gpu and self.family == "base" and self.pre.glance_positions is not None
 
-    def scheduler(self) -> StepScheduler:
-        """A step scheduler over this pipeline's engines (its ``stats`` count the calls it made).
+    def scheduler(self, engines: dict[str, Any] | None = None) -> StepScheduler:
+        """A step scheduler over this pipeline's engines, with ``engines`` replacing some of them for this
+        scheduler only (a stream's glance that reuses earlier windows' frames); its ``stats`` count the calls.
 
         On the CPU the glance runs one video per call: onnxruntime's CPU kernels for these small convs cost
         more per video in a batch (measured on the 2-core dev CPU, demo glance: 3.24 ms a video one at a
         time, 4.21 in batches of 8), while the backbone and head gain a little from batching."""
-        return StepScheduler(self.manifest, self.engines, self.criterion, self._xp, max_batch=self.stage_batch,
+        return StepScheduler(self.manifest, {**self.engines, **(engines or {})}, self.criterion, self._xp,
+                             max_batch=self.stage_batch,
                              cost=self._cost, clock=self.clock)
 
     def frame_source(self, frames: Any, glance_frames: Any = None) -> tuple[HostFrames, dict[str, float]]:
@@ -299,14 +301,15 @@ class Pipeline:
 
     # ------------------------------------------------------------------------------------------ videos
     def __call__(self, video: str | os.PathLike | Any, budget: str | float | Budget | None = None,
-                 topk: int = 5) -> VideoResult:
-        """Run one video (a path or an already decoded :class:`DecodedVideo`)."""
+                 topk: int = 5, engines: dict[str, Any] | None = None) -> VideoResult:
+        """Run one video (a path or an already decoded :class:`DecodedVideo`); ``engines`` replace some stages'
+        engines for this call (see :meth:`scheduler`)."""
         b = budget if isinstance(budget, Budget) else self.budget(budget)
         is_path = isinstance(video, (str, os.PathLike))
         decoded = self.decode(video) if is_path else video
         # the clock starts after decode: its time is added from decode_ms (a path) or was spent elsewhere
         flight = self._flight(decoded, b, decode_ms=decoded.decode_ms if is_path else 0.0)
-        (done,) = list(self.scheduler().run([flight]))
+        (done,) = list(self.scheduler(engines).run([flight]))
         if done.error is not None:
             raise done.error
         return self._result(done, topk)

@@ -211,12 +211,7 @@ class StreamSource:
         glance = np.asarray(pipe.pre.glance_positions)
         ids, nos = np.asarray(w.ids)[self.positions][glance], w.frame_nos[self.positions][glance]
         self.reuse.expect(list(zip(ids.tolist(), nos.tolist(), strict=True)))
-        sched = pipe.scheduler()
-        sched.engines = {**sched.engines, "global": self.reuse}
-        (done,) = list(sched.run([pipe._flight(decoded, budget)]))
-        if done.error is not None:
-            raise done.error
-        return pipe._result(done, topk)
+        return pipe(decoded, budget, topk, engines={"global": self.reuse})
 
     def summary(self, ended: str) -> dict:
         lat = np.asarray(self.latencies) if self.latencies else np.zeros(0)
