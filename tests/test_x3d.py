@@ -4,9 +4,10 @@ The official side is rebuilt HERE from shared/X3D.md with plain torch ops on a s
 modules: the key names and shapes are generated from the spec's tables, the X3D forward is functional
 (``F.conv3d`` / ``F.batch_norm`` / ``F.avg_pool3d`` with the fixed head kernel), the glance resize is written
 the upstream way, the ``affine_grid`` crop and the torch sampler (no clamp) are tests/test_tsm.py's rebuilds of
-the same upstream functions, views are folded crop-major into the batch and averaged afterwards. An official-format file (``module.`` keys, ``epoch``, ``arch``,
-``optimizer``, ``best_prec1``, ``scaler``) with random weights and BatchNorm statistics taken (and perturbed)
-from a calibration batch must load strictly into the preset and give the same logits at both exits.
+the same upstream functions, views are folded crop-major into the batch and averaged afterwards. An
+official-format file (``module.`` keys, ``epoch``, ``arch``, ``optimizer``, ``best_prec1``, ``scaler``) with
+random weights and BatchNorm statistics taken (and perturbed) from a calibration batch must load strictly into
+the preset and give the same logits at both exits.
 """
 
 from __future__ import annotations
