@@ -413,3 +413,11 @@ def test_dense_baseline_is_x3d_l_on_every_candidate():
     with torch.no_grad(), MacCounter(model.local_CNN) as count:
         model.local_CNN(torch.randn(1, 3, cfg.candidates, cfg.frame_size, cfg.frame_size))
     assert count_flops("x3d-tiny").dense == pytest.approx(count.total() / 1e9, rel=1e-12)
+
+
+def test_build_model_makes_every_family():
+    """``adafocus.models.build_model`` is the one factory (uniadafocus's), x3d included."""
+    from adafocus.models import uniadafocus
+
+    assert build_model is uniadafocus.build_model
+    assert isinstance(uniadafocus.build_model(preset_config("x3d-tiny")), UniAdaFocusX3D)

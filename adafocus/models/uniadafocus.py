@@ -177,11 +177,15 @@ class UniAdaFocus(nn.Module):
 
 
 def build_model(cfg: ModelConfig) -> nn.Module:
-    """The reference model for a config's family."""
+    """The reference model for a config's family (base, tsm, x3d)."""
     if cfg.family == "base":
         return UniAdaFocus(cfg)
     if cfg.family == "tsm":
         from adafocus.models.tsm import UniAdaFocusTSM
 
         return UniAdaFocusTSM(cfg)
+    if cfg.family == "x3d":
+        from adafocus.models.x3d import UniAdaFocusX3D
+
+        return UniAdaFocusX3D(cfg)
     raise ConfigError(f"unknown model family {cfg.family!r}")
