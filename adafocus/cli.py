@@ -39,6 +39,13 @@ def _echo_json(obj) -> None:
     typer.echo(json.dumps(obj, indent=2))
 
 
+def _shared_threads(threads: int | None) -> None:
+    """Commands that run only adafocus engines share one onnxruntime CPU pool (see adafocus.engines.ort)."""
+    from adafocus.engines.ort import use_shared_pool
+
+    use_shared_pool(threads)
+
+
 # ----------------------------------------------------------------------------------------------- models
 @app.command("presets")
 def presets_cmd(as_json: bool = typer.Option(False, "--json", help="Print JSON.")):
@@ -235,6 +242,7 @@ def profile_cmd(
     milliseconds (--budget 25ms) and --chunk auto; writes profiles/<key>.json inside the bundle."""
     from adafocus.bench.profile import measure_profile
 
+    _shared_threads(threads)
     try:
         sizes = [int(x) for x in batches.split(",") if x.strip()]
     except ValueError:
@@ -331,6 +339,7 @@ def calibrate_thresholds_cmd(
     from adafocus.calibration.thresholds import calibrate_thresholds
     from adafocus.calibration.time_targets import calibrate_time_targets, is_time_budgets
 
+    _shared_threads(threads)
     held = None if heldout_split.lower() in ("", "none") else heldout_split
     timed = is_time_budgets(budgets)
     if timed and (merge or plot is not None or cache_dir is not None or max_gflops is not None):
@@ -457,6 +466,8 @@ def bench_cmd(
     from adafocus.bench.runner import BenchConfig, run_benchmark
     from adafocus.runtime.pipeline import expand_videos
 
+    _shared_threads(threads)
+
     truth = None
     if labels is not None:
         from adafocus.dataset import read_labels_csv
@@ -521,25 +532,30 @@ def run_cmd(
                                  "and the predicted time per step."),
     includes_decode: bool = typer.Option(False, "--deadline-includes-decode", help="A time budget (--budget "
                                          "25ms) counts the video's decode too."),
+    views: int = typer.Option(1, "--views", help="Crops of every frame, logits averaged per exit: 1, or 3 (left, "
+                              "right, centre, as upstream's X3D test; the cost counts every view)."),
 ):
     """Run videos through a bundle: glance, policy, patches, early exit under the budget."""
     from adafocus.runtime.pipeline import Pipeline, expand_videos
     from adafocus.runtime.stream import is_stream_source, run_streams
 
+    _shared_threads(threads)
     bundle = model or _default_bundle()
     live = stream or any(is_stream_source(v) for v in videos or [])
     if live:
-        if save_vis is not None or batch != 1:
-            raise ConfigError("--save-vis and --batch are for video files, not live streams")
+        if save_vis is not None or batch != 1 or views != 1:
+            raise ConfigError("--save-vis, --batch and --views are for video files, not live streams")
         paths = list(videos or [])
     else:
         paths = expand_videos(videos) if videos else _default_videos()  # VideoError for a dir or glob without video
     with Pipeline.from_bundle(bundle, engine=engine, device=device, threads=threads,
-                              checkpoint=checkpoint, chunk=chunk) as pipe:
+                              checkpoint=checkpoint, chunk=chunk, views=views) as pipe:
         plan = pipe.budget(budget, average, includes_decode)  # a bad or too small budget fails here
         pipe.keep_decoded = save_vis is not None
         if not as_json:
-            typer.echo(f"bundle {bundle} | engine {pipe.engine_name} on {pipe.device} | {_budget_line(plan)}", err=True)
+            shown = f" | {pipe.views} views" if pipe.views > 1 else ""
+            typer.echo(f"bundle {bundle} | engine {pipe.engine_name} on {pipe.device}{shown} | {_budget_line(plan)}",
+                       err=True)
             cost = pipe.cost_model(required=False)
             if cost is not None:
                 typer.echo(f"profile {cost.profile.describe()}", err=True)

@@ -2,10 +2,17 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
 import videos
+
+# The CLI commands that run only adafocus engines put onnxruntime on one shared CPU pool for the process
+# (adafocus.engines.ort.use_shared_pool); tests call those commands in this process beside others that need
+# sessions with their own pools (onnxruntime.quantization), so here it is off, and test_engines checks the
+# shared pool in subprocesses. Subprocesses started by tests inherit this unless they drop it.
+os.environ.setdefault("ADAFOCUS_ORT_SHARED_POOL", "0")
 
 
 @pytest.fixture(scope="session")

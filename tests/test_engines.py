@@ -392,3 +392,36 @@ def test_torch_engine_cuda_graphs_match_eager(stage):
         np.testing.assert_allclose(on_gpu["logits"], eager.run(feeds)["logits"], rtol=1e-5, atol=1e-5)
     finally:
         torch.backends.cudnn.allow_tf32 = tf32
+
+
+def test_shared_cpu_pool_in_a_cli_process(tmp_path):
+    """The CLI's one onnxruntime pool for the process (threads spinning between stages): same decisions as
+    per-session pools, every session on it, and a second size refused in one line."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    def run(shared: str) -> list[dict]:
+        env = {**os.environ, "ADAFOCUS_ORT_SHARED_POOL": shared}
+        res = subprocess.run([sys.executable, "-c", "from adafocus.cli import run_main; run_main()", "--json",
+                              "--threads", "2"], capture_output=True, text=True, env=env, timeout=300)
+        assert res.returncode == 0, res.stderr
+        return [json.loads(line) for line in res.stdout.splitlines()]
+
+    keys = ("video", "label", "exit_step", "exit_reason", "frames_used", "patches", "gflops")
+    assert [{k: r[k] for k in keys} for r in run("1")] == [{k: r[k] for k in keys} for r in run("0")]
+    code = ("import os; os.environ['ADAFOCUS_ORT_SHARED_POOL'] = '1'\n"
+            "from adafocus.engines.ort import use_shared_pool\n"
+            "from adafocus.runtime.pipeline import Pipeline\n"
+            "from adafocus.errors import EngineError\n"
+            "assert use_shared_pool(2) and use_shared_pool(2)\n"
+            "with Pipeline.from_bundle(__import__('adafocus.demo.shipped').demo.shipped.bundle_path(), engine='ort',"
+            " threads=2) as p:\n"
+            "    assert all(e.shared_pool for e in p.engines.values())\n"
+            "for bad in (lambda: use_shared_pool(1), lambda: Pipeline.from_bundle("
+            "__import__('adafocus.demo.shipped').demo.shipped.bundle_path(), engine='ort', threads=1)):\n"
+            "    try:\n        bad()\n    except EngineError as e:\n        assert 'one shared pool of 2' in str(e)\n"
+            "    else:\n        raise SystemExit('not refused')\n")
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stderr

@@ -9,6 +9,15 @@ are bound in place. With ``device_outputs=True`` outputs stay on the GPU: cupy a
 installed (zero copy, they keep the ORT buffer alive), otherwise ``OrtValue``s, which the next ort
 stage accepts as feeds. The GPU execution providers come from the ``onnxruntime-gpu`` wheel
 (``pip install 'adafocus[gpu]'``); a session that silently falls back to the CPU is refused.
+
+CPU threads. By default every CPU session has its own intra-op pool, without spin-waiting (one session's
+spinning threads would steal the cores the next stage needs). A process that runs only adafocus engines can
+instead call :func:`use_shared_pool` before its first session (the CLI's run, bench, profile and calibrate
+thresholds do): then every CPU session shares **one** pool whose threads spin between runs, and since the
+stages run one after another they never compete. Measured on the 2-core dev CPU, alternating runs: the demo one
+at a time 8.1-9.1 -> 5.3-7.2 ms a video, base-p128 all 16 steps (2 threads) 652 -> 523-590 ms. onnxruntime
+then refuses sessions with their own pools in that process (``onnxruntime.quantization`` makes such
+sessions), so the shared pool is the CLI's choice, not the library's default.
 """
 
 from __future__ import annotations
@@ -17,6 +26,7 @@ import contextlib
 import ctypes.util
 import importlib.util
 import os
+import threading
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -48,6 +58,32 @@ GRAPH_OPT_LEVELS = {
 
 _CPU_EP, _CUDA_EP, _TRT_EP = "CPUExecutionProvider", "CUDAExecutionProvider", "TensorrtExecutionProvider"
 _GPU_HINT = "install onnxruntime-gpu instead of onnxruntime: pip install 'adafocus[gpu]'"
+_POOL: dict[str, Any] = {}  # "threads": the size asked of this process's shared CPU pool, once made
+_POOL_LOCK = threading.Lock()
+SHARED_POOL_ENV = "ADAFOCUS_ORT_SHARED_POOL"  # "0": use_shared_pool() does nothing (per-session pools)
+
+
+def use_shared_pool(threads: int | None) -> bool:
+    """Make every CPU session of this process share one intra-op pool of ``threads`` threads (None:
+    onnxruntime's default, one per physical core), spinning between runs. Call it before the first session;
+    returns whether the shared pool is in use. A second call with another size is an EngineError (a process
+    has one pool). ``ADAFOCUS_ORT_SHARED_POOL=0`` turns it off."""
+    if os.environ.get(SHARED_POOL_ENV, "1") == "0":
+        return False
+    with _POOL_LOCK:
+        if "threads" in _POOL:
+            if _POOL["threads"] != threads:
+                raise EngineError(f"this process runs onnxruntime on one shared pool of {_POOL['threads'] or 'default'}"
+                                  f" threads; {threads or 'default'} threads cannot be given as well")
+            return True
+        try:
+            from onnxruntime.capi import _pybind_state
+
+            _pybind_state.set_global_thread_pool_sizes(int(threads or 0), 1)
+        except Exception:  # noqa: BLE001 - an onnxruntime without global pools: keep per-session pools
+            return False
+        _POOL["threads"] = threads
+        return True
 
 
 def _tensorrt_libs_present() -> bool:
@@ -121,6 +157,7 @@ class OrtEngine(Engine):
         self.log_level = log_level
         self.session: ort.InferenceSession | None = None
         self.providers: list[str] = []
+        self.shared_pool = False  # this session runs on the process's shared CPU pool (use_shared_pool)
 
     # ------------------------------------------------------------------------------ availability
     @classmethod
@@ -181,15 +218,22 @@ class OrtEngine(Engine):
         opts = ort.SessionOptions()
         opts.graph_optimization_level = GRAPH_OPT_LEVELS[self.graph_optimization]
         opts.log_severity_level = self.log_level
-        if self.threads is not None:
-            opts.intra_op_num_threads = int(self.threads)
-        if self.inter_threads is not None:
-            opts.inter_op_num_threads = int(self.inter_threads)
-        # no spin-waiting after a run: the runtime alternates sessions (backbone, head, the next video's
-        # glance), and one session's spinning threads steal the cores the next one needs. Measured with 2
-        # threads on the 2-core dev CPU, base-p128: backbone + head alternating 52.4 ms a step spinning,
-        # 31.8 ms without
-        opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
+        if "threads" in _POOL:  # the process's shared pool (see the module docstring): threads spin between runs
+            if self.threads is not None and self.threads != _POOL["threads"]:
+                raise EngineError(f"this process runs onnxruntime on one shared pool of "
+                                  f"{_POOL['threads'] or 'default'} threads, not {self.threads}")
+            opts.use_per_session_threads = False
+            self.shared_pool = True
+        else:
+            if self.threads is not None:
+                opts.intra_op_num_threads = int(self.threads)
+            if self.inter_threads is not None:
+                opts.inter_op_num_threads = int(self.inter_threads)
+            # no spin-waiting after a run: the runtime alternates sessions (backbone, head, the next video's
+            # glance), and one session's spinning threads steal the cores the next one needs. Measured with 2
+            # threads on the 2-core dev CPU, base-p128: backbone + head alternating 52.4 ms a step spinning,
+            # 31.8 ms without
+            opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
         if self.optimized_model_path is not None:
             opts.optimized_model_filepath = str(self.optimized_model_path)
         providers = self._provider_list()
