@@ -140,7 +140,8 @@ def _reference(model, glance: np.ndarray, candidates: np.ndarray, thresholds=Non
 
 def _assert_same_decisions(model, pipe, glance, candidates):
     """Runtime vs reference on one video, without early exit and with an exit at the glance: the same exit
-    steps, labels at every step, focus frames, and the box within 1e-2 px."""
+    steps, labels at every step, focus frames, and the box within 1e-2 px (of every view, with views: glance
+    ``[V, Tg, ...]`` and candidates ``[V, N, ...]``, exits on the logits averaged over views)."""
     cfg = model.cfg
     full = _reference(model, glance, candidates)
     score0 = full[0].score
@@ -153,8 +154,9 @@ def _assert_same_decisions(model, pipe, glance, candidates):
             np.testing.assert_allclose(logits, r.logits, atol=1e-3 * np.abs(r.logits).max())
     trace = pipe.run_frames(candidates, Budget(float("inf"), 1, None), glance_frames=glance)
     np.testing.assert_array_equal(trace.positions, full[1].positions)
-    want = crop_boxes(np.repeat(full[1].action[None], cfg.num_focus, 0), cfg.frame_size, cfg.crop_min, cfg.crop_max)
-    np.testing.assert_allclose(trace.boxes, want, atol=1e-2)
+    want = [crop_boxes(np.repeat(a[None], cfg.num_focus, 0), cfg.frame_size, cfg.crop_min, cfg.crop_max)
+            for a in full[1].action.reshape(-1, 4)]  # one action per view
+    np.testing.assert_allclose(trace.boxes, np.stack(want).reshape(trace.boxes.shape), atol=1e-2)
     return full
 
 
@@ -213,3 +215,113 @@ def test_fp32_bounds_follow_pytorchs_own_fp64_drift(exported):
     assert tol.bound(2.0, drift64=3e-3) == pytest.approx(6e-3)
     stages = load_bundle(exported).manifest.verification["stages"]
     assert stages and all(c["drift"] is not None and c["max_abs"] <= c["bound"] for c in stages)
+
+
+# ---------------------------------------------------------------------------------------------- views
+@pytest.fixture(scope="module")
+def pipe3(exported):
+    with Pipeline.from_bundle(exported, views=3) as p:
+        yield p
+
+
+def test_three_views_match_the_reference_on_random_videos(model, pipe3):
+    """Three views of a video (here three random clips) run as three rows of every engine call: the same
+    decisions as the reference's multi-view stepwise (its own policy, frames and box per view, exits on the
+    logits averaged over views)."""
+    clips = random_videos(model.cfg, 9, seed=17)
+    for i in range(0, 9, 3):
+        glance = np.stack([c["glance"] for c in clips[i:i + 3]])
+        candidates = np.stack([c["candidates"] for c in clips[i:i + 3]])
+        full = _assert_same_decisions(model, pipe3, glance, candidates)
+        assert full[1].positions.shape == (3, model.cfg.num_focus)
+        assert len({tuple(p) for p in full[1].positions}) > 1 or len({tuple(a) for a in full[1].action}) > 1
+
+
+def test_views_are_upstreams_three_crops():
+    """TSN's GroupFullResSample (upstream's 3-crop test, no flips): offsets (d // 4) * (0, 4, 2) along the
+    width, 2 * (d // 4) down, in the order left, right, centre; one view is torchvision's centre crop."""
+    from adafocus.runtime.preprocess import preprocess, preprocess_views, view_offsets
+
+    assert view_offsets(256, 455, 224, 3) == [(16, 0), (16, 228), (16, 114)]  # 720p: d = 231, step 57
+    assert view_offsets(256, 341, 224, 1) == [(16, 58)]  # round(117 / 2)
+    assert view_offsets(256, 341, 224, 3)[2] == (16, 58)  # 2 * (117 // 4)
+    assert view_offsets(303, 256, 224, 3) == [(38, 0), (38, 32), (38, 16)]  # portrait: still along the width
+    rng = np.random.default_rng(0)
+    frames = rng.integers(0, 256, (3, 110, 160, 3), dtype=np.uint8)  # short side already 110: no resize
+    got = preprocess_views(frames, 3, 110, 96)
+    assert got.shape == (3, 3, 3, 96, 96)
+    mean, std = np.float32([0.485, 0.456, 0.406]), np.float32([0.229, 0.224, 0.225])
+    for v, x in enumerate((0, 64, 32)):  # w_step = (160 - 96) // 4 = 16
+        crop = frames[:, 6:102, x:x + 96].astype(np.float32) / np.float32(255)  # 2 * ((110 - 96) // 4) down
+        np.testing.assert_array_equal(got[v], ((crop - mean) / std).transpose(0, 3, 1, 2))
+    np.testing.assert_array_equal(preprocess_views(frames, 1, 110, 96)[0], preprocess(frames, 110, 96))
+
+
+def test_three_views_match_the_reference_on_real_files(model, pipe3, real_videos):
+    """Real files (H.264 720p, a landscape and a portrait MPEG-4) with three views: the decisions of the
+    reference on the same view crops; the result reports 3 views, every view's cost, the centre view's
+    focus frames and patches (boxes placed at that view's offset in the video) and every view's frames."""
+    from adafocus.runtime.preprocess import resized_shape, view_offsets
+
+    cfg, m = model.cfg, pipe3.manifest
+    for path in real_videos:
+        decoded = pipe3.decode(path)
+        frames = pipe3.preprocess(decoded.frames)
+        assert frames.shape == (3, cfg.num_glance + cfg.candidates, 3, cfg.frame_size, cfg.frame_size)
+        glance, candidates = frames[:, :cfg.num_glance], frames[:, cfg.num_glance:]
+        full = _assert_same_decisions(model, pipe3, glance, candidates)
+        result = pipe3(path)
+        assert (result.exit_step, result.exit_reason, result.views) == (1, "last", 3)
+        assert result.label == cfg.label_names()[int(np.argmax(full[1].logits))]
+        assert result.gflops == pytest.approx(3 * m.costs.exits[1]) and result.gflops_exit == result.gflops
+        assert result.focus_positions == full[1].positions[2].tolist()  # the centre view (upstream's third)
+        cand_index = np.asarray(decoded.indices)[cfg.num_glance:]
+        assert set(cand_index[full[1].positions.ravel()].tolist()) <= set(result.frames_used)
+        rh, rw = resized_shape(decoded.height, decoded.width, cfg.resize_size)
+        top, left = view_offsets(rh, rw, cfg.frame_size, 3)[2]
+        y0, x0, h, w = result.patches[0].box_model
+        sx, sy = decoded.width / rw, decoded.height / rh
+        np.testing.assert_allclose(result.patches[0].box, [(x0 + left) * sx, (y0 + top) * sy,
+                                                           (x0 + w + left) * sx, (y0 + h + top) * sy], atol=0.02)
+
+
+def test_three_views_batched_take_the_same_decisions(pipe3, real_videos):
+    """Several 3-view videos in flight: each flight's rows are sliced back out of the shared calls."""
+    one = {str(p): pipe3(p) for p in real_videos}
+    got = dict(pipe3.run_many(real_videos, batch=3))
+    assert set(got) == set(one)
+    for path, res in got.items():
+        assert res.label == one[path].label and res.focus_positions == one[path].focus_positions
+        assert res.patches == one[path].patches and res.score == pytest.approx(one[path].score, rel=1e-5)
+    assert pipe3.last_stats.mean_batch("head") > 1
+
+
+def test_views_budgets_count_every_view(pipe3, pipe):
+    """A GFLOPs budget covers all views: one view's full cost cannot run three; a share of the dense cost
+    is the same share; time budgets (profiles of one view) are refused in one line."""
+    from adafocus.errors import BudgetError
+
+    one = pipe.exits[1]
+    assert pipe3.exits == pytest.approx([3 * e for e in pipe.exits])
+    assert pipe3.budget(str(one)).max_steps == 0 and pipe3.budget(str(3 * one)).max_steps == 1
+    with pytest.raises(BudgetError, match="one view"):
+        pipe3.budget("25ms")
+
+
+def test_cli_views(exported, real_videos, capsys):
+    """``adafocus-run --views 3 --json`` reports 3 views; a base bundle refuses --views 3 in one line."""
+    import json
+
+    from adafocus.cli import run_main
+    from adafocus.demo.shipped import bundle_path
+
+    with pytest.raises(SystemExit) as exc:
+        run_main([str(real_videos[1]), "--model", str(exported), "--views", "3", "--json"])
+    assert exc.value.code == 0
+    out = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert out["views"] == 3 and out["exit_step"] == 1
+    with pytest.raises(SystemExit) as exc:
+        run_main([str(real_videos[1]), "--model", str(bundle_path()), "--views", "3"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert exc.value.code == 1 and err == ["error: 3 views: the base family is evaluated on 1 view(s) (multi-view "
+                                           "evaluation is X3D's)"]

@@ -3,7 +3,9 @@
 A family gets a flight once its policy has run (``start``), cuts the patches of its next ``n`` steps
 (``patches``), builds the head's feed from the features of the flights going on (``head_feed``) and reads
 the head's outputs back into them (``absorb``). ``steps`` is the number of focus steps, ``patch_input`` the
-backbone's input name. A new family is one class here and one entry in :data:`FAMILIES`.
+backbone's input name, ``views`` the numbers of views (crops of every frame, each its own row of every
+engine call, logits averaged per exit) the family is evaluated with. A new family is one class here and one
+entry in :data:`FAMILIES`.
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ class BaseFamily:
     video in flight) goes through it in one call; the head then runs step by step on the features."""
 
     patch_input = "patch"
+    views = (1,)  # upstream evaluates the base family on the centre crop only
 
     def __init__(self, manifest):
         self.pre = manifest.preprocessing
@@ -59,6 +62,7 @@ class TsmFamily:
     """One focus step that takes all K patches (one box per video): the backbone sees the clip."""
 
     patch_input = "patches"
+    views = (1,)  # the TSM reference has no multi-view evaluation to match
 
     def __init__(self, manifest):
         self.pre = manifest.preprocessing
@@ -79,7 +83,17 @@ class TsmFamily:
 
 class X3dFamily(TsmFamily):
     """Uni-AdaFocus-X3D: as TSM, one focus step on the clip of all K patches cut with one box per video; the
-    backbone (X3D-L) gives the clip's pooled features, the head adds X3D-S's glance logits (``context``)."""
+    backbone (X3D-L) gives the clip's pooled features, the head adds X3D-S's glance logits (``context``).
+
+    Evaluated on 1 or 3 views (upstream's 3-crop test): a flight of V views has V rows in every call, each
+    view its own policy, focus frames and box, so its one step is V clips."""
+
+    views = (1, 3)
+
+    def patches(self, f: Flight, n: int, xp) -> Any:
+        """The clip of every view ``[V, K, 3, P, P]``."""
+        clips = f.source.patches(f.positions, f.boxes, self.pre)
+        return clips[None] if f.views == 1 else clips.reshape(f.views, -1, *clips.shape[1:])
 
 
 FAMILIES = {"base": BaseFamily, "tsm": TsmFamily, "x3d": X3dFamily}

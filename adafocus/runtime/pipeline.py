@@ -22,7 +22,7 @@ import numpy as np
 
 from adafocus.bundle import Bundle, load_bundle
 from adafocus.device import parse_device, require_device
-from adafocus.errors import AdaFocusError, ConfigError, VideoError
+from adafocus.errors import AdaFocusError, BudgetError, ConfigError, VideoError
 from adafocus.runtime.budget import Budget, make_budget, parse_ms
 from adafocus.runtime.engine_set import close_engines
 from adafocus.runtime.sampling import segment_indices
@@ -53,17 +53,19 @@ class VideoResult:
     exit_reason: str  # "confident", "budget" (next step would not fit), "last" (all steps ran), "deadline"
     confidence: float  # the exit criterion's score at the exit step
     frames_used: list[int]  # video frame numbers the model saw (glance + focus frames)
-    patches: list[Patch]
+    patches: list[Patch]  # with several views: the centre view's (frames_used has every view's focus frames)
     gflops: float  # what was computed (a chunk may run past the exit step)
     budget_gflops: float
     engine: str
     timings_ms: dict[str, float]
     steps: list[dict[str, Any]] = field(default_factory=list)  # per exit: step, label, score, confidence
-    focus_positions: list[int] = field(default_factory=list)  # candidates the policy chose (all K; [] at exit 0)
+    focus_positions: list[int] = field(default_factory=list)  # candidates the policy chose (all K; [] at exit 0;
+    # the centre view's with several views)
     gflops_exit: float = 0.0  # the cost up to the exit step (= gflops without chunking)
     chunk: int | list[int] = 1  # focus steps per backbone call (a list: the planned chunks, in order)
     budget_ms: float | None = None  # a time budget: the deadline (or the average aimed at), ms
     predicted_ms: float | None = None  # the profile's prediction of this video's model time (with a profile)
+    views: int = 1  # crops of every frame evaluated (logits averaged per exit; costs counted for all)
     decoded: Any = field(default=None, repr=False, compare=False)  # the DecodedVideo, kept for --save-vis
 
     def to_dict(self) -> dict:
@@ -79,8 +81,8 @@ class Trace:
 
     logits: list[np.ndarray]  # [C] per exit taken
     scores: list[float]
-    positions: np.ndarray  # [K] candidate positions of the focus frames (empty if the policy never ran)
-    boxes: np.ndarray  # [K, 4] y0, x0, h, w (model frame pixels)
+    positions: np.ndarray  # [K] candidate positions of the focus frames (empty if the policy never ran); [V, K]
+    boxes: np.ndarray  # [K, 4] y0, x0, h, w (model frame pixels); [V, K, 4] with V > 1 views
     exit_step: int
     exit_reason: str
     timings_ms: dict[str, float]
@@ -103,6 +105,7 @@ class Pipeline:
         self.family = bundle.manifest.family
         self.exits = list(bundle.manifest.costs.exits)
         self.dense = float(getattr(bundle.manifest.costs, "dense", 0.0) or 0.0) or None
+        self.views = 1  # crops of every frame (see ``set_views``)
         self.keep_decoded = False  # attach the decoded frames to results (for --save-vis)
         self.chunk = 1  # focus steps per backbone call (see ``set_chunk``)
         self.chunk_auto = False  # ``set_chunk("auto")`` with a profile: chunks planned per budget
@@ -134,7 +137,7 @@ class Pipeline:
     def from_bundle(cls, path: str | os.PathLike, engine: str = "auto", device: str = "cpu",
                     threads: int | None = None, criterion: str | None = None, verify: bool = True,
                     checkpoint: str | os.PathLike | None = None, precision: str | None = None,
-                    cuda_graphs: bool = True, chunk: int | str | None = None) -> Pipeline:
+                    cuda_graphs: bool = True, chunk: int | str | None = None, views: int = 1) -> Pipeline:
         """Load a bundle (checksums verified) and create one engine per stage.
 
         ``engine``: ``auto`` or a registered name (``ort``, ``ort-cuda``, ``ort-tensorrt``, ``tensorrt``,
@@ -145,6 +148,7 @@ class Pipeline:
         ``manifest.precisions`` (e.g. ``int8`` from ``adafocus calibrate int8``; ONNX engines only).
         ``cuda_graphs``: the torch engine on cuda replays each stage as a CUDA graph (see TorchEngine).
         ``chunk``: focus steps per backbone call, or ``auto`` (see :meth:`set_chunk`).
+        ``views``: crops of every frame evaluated, logits averaged per exit (see :meth:`set_views`).
         """
         from adafocus.bundle import lock_bundle
         from adafocus.runtime.engine_set import open_engines
@@ -159,6 +163,7 @@ class Pipeline:
             pipe.precision = precision or bundle.manifest.precision
             pipe.threads = threads
             pipe.set_chunk(chunk)
+            pipe.set_views(views)
         except BaseException:
             close_engines(engines)  # a bad chunk, or cupy missing for a GPU device, leaves nothing open
             raise
@@ -181,13 +186,49 @@ class Pipeline:
         adafocus.runtime.budget). A time budget needs this device's profile (``adafocus profile``);
         ``includes_decode``: the deadline counts the video's decode too."""
         own = self.precision if self.precision != self.manifest.precision else None
-        table = list(self.manifest.exit.table(own).values())
+        table = [self._per_views(e) for e in self.manifest.exit.table(own).values()]
         cost = time_table = None
         if parse_ms(budget) is not None:
+            if self.views > 1:
+                raise BudgetError(f"a budget in milliseconds is planned from a profile of one view; with "
+                                  f"{self.views} views give GFLOPs or a share of the dense cost")
             cost = self.cost_model()
             time_table = list(cost.profile.thresholds.values())
         return make_budget(budget, self.exits, table, self.dense, average, cost=cost,
                            includes_decode=includes_decode, time_table=time_table)
+
+    def set_views(self, views: int) -> int:
+        """Evaluate ``views`` crops of every frame (1, or 3 for upstream's left / right / centre test,
+        :func:`~adafocus.runtime.preprocess.view_offsets`) where the family was made for it (X3D): each view
+        runs its own glance, policy, frames and box as one more row of every engine call, and every exit
+        reads the logits averaged over the views. Costs are per video, for all views: the exit costs, the
+        dense cost (so a ``%`` budget is the same share) and the calibrated budgets are multiplied by
+        ``views``; the calibrated thresholds, solved on one view's logits, are applied to the averaged ones.
+        Time budgets and ``--chunk auto`` plans (profiles of one view) are not used with views. Returns it."""
+        from adafocus.runtime.families import FAMILIES
+        from adafocus.runtime.preprocess import VIEWS
+
+        if views not in VIEWS:
+            raise ConfigError(f"views must be one of {', '.join(map(str, VIEWS))}, got {views}")
+        allowed = FAMILIES[self.family].views
+        if views not in allowed:
+            raise ConfigError(f"{views} views: the {self.family} family is evaluated on "
+                              f"{' or '.join(map(str, allowed))} view(s) (multi-view evaluation is X3D's)")
+        costs = self.manifest.costs
+        self.views = views
+        self.exits = [float(e) * views for e in costs.exits]
+        dense = float(getattr(costs, "dense", 0.0) or 0.0)
+        self.dense = dense * views or None
+        if views > 1:
+            self.chunk_auto = False
+        return views
+
+    def _per_views(self, entry: dict) -> dict:
+        """A calibrated table entry (one view's budgets) for this pipeline's views."""
+        if self.views == 1:
+            return entry
+        scaled = {k: entry[k] * self.views for k in ("budget_gflops", "max_gflops") if k in entry}
+        return {**entry, **scaled}
 
     def cost_model(self, required: bool = True):
         """The :class:`~adafocus.runtime.profile.CostModel` of this bundle's profile for exactly this engine,
@@ -235,13 +276,16 @@ class Pipeline:
 
     def dense_frames(self, path: str | os.PathLike) -> np.ndarray:
         """The dense baseline's input for one video: normalised candidates ``[N, 3, S, S]`` (same sampling and
-        preprocessing as the adaptive model's candidates)."""
-        return self.preprocess(self.decode_dense(path).frames)
+        preprocessing as the adaptive model's candidates; the centre crop)."""
+        return self.preprocess(self.decode_dense(path).frames, views=1)
 
-    def preprocess(self, frames_uint8: np.ndarray) -> np.ndarray:
-        from adafocus.runtime.preprocess import preprocess
+    def preprocess(self, frames_uint8: np.ndarray, views: int | None = None) -> np.ndarray:
+        """Normalised crops ``[T, 3, S, S]``, or ``[V, T, 3, S, S]`` for V > 1 views (default: the pipeline's)."""
+        from adafocus.runtime.preprocess import preprocess, preprocess_views
 
-        p = self.pre
+        p, views = self.pre, views or self.views
+        if views > 1:
+            return preprocess_views(frames_uint8, views, p.resize_size, p.frame_size, p.mean, p.std)
         return preprocess(frames_uint8, p.resize_size, p.frame_size, p.mean, p.std)
 
     # -------------------------------------------------------------------------------------- step loop
@@ -294,7 +338,7 @@ class Pipeline:
         Base family: the glance frames are ``preprocessing.glance_positions`` of the candidates.
         """
         source, t = self.frame_source(frames, glance_frames)
-        flight = Flight(None, source, budget or self.budget(None), chunk=self.chunk)
+        flight = Flight(None, source, budget or self.budget(None), chunk=self.chunk, views=self.views)
         flight.timings_ms.update(t)
         (done,) = list(self.scheduler().run([flight]))
         return _trace(done)
@@ -363,6 +407,8 @@ class Pipeline:
         of ``window`` seconds every ``stride`` seconds (see :mod:`adafocus.runtime.stream`)."""
         from adafocus.runtime.stream import stream
 
+        if self.views > 1:
+            raise ConfigError(f"live streams run one view; this pipeline evaluates {self.views} (views=1)")
         return stream(self, source, window=window, stride=stride, budget=budget, topk=topk, **options)
 
     def _decode_preprocessed(self, path: str | os.PathLike):
@@ -389,20 +435,21 @@ class Pipeline:
             if self._lazy:
                 frames = LazyFrames(decoded.frames, p.resize_size, p.frame_size, p.mean, p.std,
                                     first=p.glance_positions)
-            elif self._on_gpu:  # upload the uint8 crops once, normalise on the device
+            elif self._on_gpu and self.views == 1:  # upload the uint8 crops once, normalise on the device
                 from adafocus.runtime.preprocess import preprocess_device
 
                 frames = preprocess_device(decoded.frames, self._xp, p.resize_size, p.frame_size, p.mean, p.std)
             else:
                 frames = self.preprocess(decoded.frames)
-        if p.glance_positions is None:
-            glance_frames, candidates = frames[:p.num_glance], frames[p.num_glance:]
+        if p.glance_positions is None:  # [T, ...], or [V, T, ...] with views
+            glance_frames, candidates = frames[..., :p.num_glance, :, :, :], frames[..., p.num_glance:, :, :, :]
         else:
             glance_frames, candidates = None, frames
         pre_ms = (time.perf_counter() - tick) * 1e3
         source, t = self.frame_source(candidates, glance_frames)
         plan = self.plan(budget)
         flight = Flight(str(decoded.path), source, budget, chunk=self.chunk, chunks=plan.chunks if plan else None,
+                        views=self.views,
                         deadline=self._deadline(budget, decode_ms if background_ms is None else background_ms),
                         meta=_Meta(decoded, decode_ms, background_ms, start, pre_ms,
                                    getattr(decoded, "preprocess_ms", None)))
@@ -440,14 +487,21 @@ class Pipeline:
         prob = probs[-1]
         order = np.argsort(-prob)[:max(1, topk)]
         names = self.labels
-        n_patches = trace.exit_step if self.family == "base" else len(trace.positions) * trace.exit_step
-        boxes = np.asarray(trace.boxes[:n_patches], np.float64)
-        frame_nos = np.asarray(cand_index)[np.asarray(trace.positions[:n_patches], np.int64)].tolist()
-        source = self._source_boxes(boxes, decoded).tolist()
+        positions, boxes, view = trace.positions, trace.boxes, 0
+        seen = np.asarray(cand_index)[np.asarray(positions, np.int64)] if trace.exit_step else []
+        if self.views > 1 and trace.exit_step:  # results show the centre view's patches; frames_used every view's
+            from adafocus.runtime.preprocess import VIEWS
+
+            view = VIEWS[self.views].index("centre")
+            positions, boxes = positions[view], boxes[view]
+        n_patches = trace.exit_step if self.family == "base" else len(positions) * trace.exit_step
+        boxes = np.asarray(boxes[:n_patches], np.float64)
+        frame_nos = np.asarray(cand_index)[np.asarray(positions[:n_patches], np.int64)].tolist()
+        source = self._source_boxes(boxes, decoded, view).tolist()
         model_boxes = boxes.round(3).tolist()
         patches = [Patch(k + 1 if self.family == "base" else 1, int(frame_nos[k]), source[k], model_boxes[k])
                    for k in range(n_patches)]
-        used = sorted({int(i) for i in glance_index} | set(frame_nos))
+        used = sorted({int(i) for i in glance_index} | set(frame_nos) | {int(i) for i in np.ravel(seen)})
         best, best_p = probs.argmax(axis=1).tolist(), probs.max(axis=1).tolist()
         steps = [{"step": k, "label": names[best[k]], "score": best_p[k], "confidence": sc}
                  for k, sc in enumerate(trace.scores)]
@@ -457,9 +511,9 @@ class Pipeline:
             exit_reason=trace.exit_reason, confidence=trace.scores[-1], frames_used=used, patches=patches,
             gflops=self.computed_gflops(flight), budget_gflops=float(flight.budget.gflops),
             engine=self.engine_name, timings_ms={k: round(v, 3) for k, v in timings.items()}, steps=steps,
-            focus_positions=[int(x) for x in trace.positions] if trace.exit_step else [],
+            focus_positions=[int(x) for x in positions] if trace.exit_step else [],
             gflops_exit=float(self.exits[trace.exit_step]), chunk=self._chunk_used(flight),
-            budget_ms=flight.budget.ms, predicted_ms=self._predicted(flight),
+            budget_ms=flight.budget.ms, predicted_ms=self._predicted(flight), views=self.views,
             decoded=decoded if self.keep_decoded else None)
 
     def _chunk_used(self, flight: Flight) -> int | list[int]:
@@ -473,7 +527,7 @@ class Pipeline:
 
     def _predicted(self, flight: Flight) -> float | None:
         """The profile's prediction of the model time of what this flight ran (None without a profile)."""
-        if self._cost is None:
+        if self._cost is None or self.views > 1:  # profiles are of one view
             return None
         chunks = flight.chunks or [flight.chunk] * self._cost.steps
         return round(self._cost.exit_times(chunks)[flight.steps], 3)
@@ -482,7 +536,7 @@ class Pipeline:
         """GFLOPs a finished flight computed: the cost up to its exit, plus the backbone calls of steps a
         chunk ran past the exit."""
         wasted = flight.computed - flight.steps
-        backbone = self.manifest.stages["backbone"].gflops
+        backbone = self.manifest.stages["backbone"].gflops * self.views
         return float(self.exits[flight.steps] + max(0, wasted) * backbone)
 
     def set_chunk(self, chunk: int | str | None) -> int:
@@ -504,15 +558,15 @@ class Pipeline:
         self.chunk = max(1, min(value, steps))
         return self.chunk
 
-    def _source_boxes(self, boxes: np.ndarray, decoded) -> np.ndarray:
-        """(y0, x0, h, w) boxes ``[n, 4]`` in the model's crop -> (x0, y0, x1, y1) in the decoded video's
-        pixels, rounded to 0.01."""
-        from adafocus.runtime.preprocess import center_crop_offsets, resized_shape
+    def _source_boxes(self, boxes: np.ndarray, decoded, view: int = 0) -> np.ndarray:
+        """(y0, x0, h, w) boxes ``[n, 4]`` in the model's crop (of ``view``) -> (x0, y0, x1, y1) in the
+        decoded video's pixels, rounded to 0.01."""
+        from adafocus.runtime.preprocess import resized_shape, view_offsets
 
         p = self.pre
         h, w = decoded.height, decoded.width
         rh, rw = resized_shape(h, w, p.resize_size)
-        top, left = center_crop_offsets(rh, rw, p.frame_size)
+        top, left = view_offsets(rh, rw, p.frame_size, self.views)[view]
         sy, sx = h / rh, w / rw
         b = np.asarray(boxes, np.float64).reshape(-1, 4)
         y0, x0, bh, bw = b[:, 0], b[:, 1], b[:, 2], b[:, 3]

@@ -128,6 +128,11 @@ def preprocess(frames: np.ndarray, resize_size: int = 256, crop_size: int = 224,
         out = np.empty((t, 3, crop_size, crop_size), np.float32)
     elif out.shape != (t, 3, crop_size, crop_size) or out.dtype != np.float32:
         raise ValueError(f"out must be float32 {[t, 3, crop_size, crop_size]}, got {out.dtype} {list(out.shape)}")
+    return _normalise(crops, mean, std, out)
+
+
+def _normalise(crops: np.ndarray, mean: Sequence[float], std: Sequence[float], out: np.ndarray) -> np.ndarray:
+    """uint8 crops ``[T, S, S, 3]`` -> ``out`` ``[T, 3, S, S]``: ``x / 255``, then ``(x - mean) / std``, in float32."""
     m = np.asarray(mean, np.float32)
     s = np.asarray(std, np.float32)
     for c in range(3):  # channel by channel straight into the [T, 3, S, S] layout: no transpose copy
@@ -135,6 +140,50 @@ def preprocess(frames: np.ndarray, resize_size: int = 256, crop_size: int = 224,
         np.divide(crops[..., c], np.float32(255.0), out=o)
         np.subtract(o, m[c], out=o)
         np.divide(o, s[c], out=o)
+    return out
+
+
+# ---------------------------------------------------------------------------------------------- views
+VIEWS = {1: ("centre",), 3: ("left", "right", "centre")}  # in upstream's order (the 3-crop loader's)
+
+
+def view_offsets(height: int, width: int, crop_size: int, views: int = 1) -> list[tuple[int, int]]:
+    """Top-left (y, x) of each view's ``crop_size`` crop of a resized ``height`` x ``width`` frame.
+
+    One view: the centre crop (:func:`center_crop_offsets`). Three views: upstream's 3-crop test transform
+    (TSN's ``GroupFullResSample`` without flips), in its order, left, right, centre:
+    ``x = (0, 4, 2) * ((width - crop) // 4)`` and ``y = 2 * ((height - crop) // 4)`` for all three: the views
+    move along the width whichever side is longer (a portrait frame's views differ only by its narrow width
+    margin), and the third is the centre up to that rounding (``2 * (d // 4)`` rather than ``round(d / 2)``:
+    up to 2 px off the one-view crop).
+    """
+    if views not in VIEWS:
+        raise ConfigError(f"views must be one of {', '.join(map(str, VIEWS))}, got {views}")
+    if views == 1:
+        return [center_crop_offsets(height, width, crop_size)]
+    if crop_size > height or crop_size > width:
+        raise ValueError(f"crop {crop_size} is larger than the resized frame {height}x{width}")
+    w_step, h_step = (width - crop_size) // 4, (height - crop_size) // 4
+    return [(2 * h_step, i * w_step) for i in (0, 4, 2)]
+
+
+def preprocess_views(frames: np.ndarray, views: int, resize_size: int = 256, crop_size: int = 224,
+                     mean: Sequence[float] = IMAGENET_MEAN, std: Sequence[float] = IMAGENET_STD,
+                     interpolation: str = "auto") -> np.ndarray:
+    """uint8 RGB frames ``[T, H, W, 3]`` -> the normalised crops of every view ``[V, T, 3, crop, crop]``
+    (:func:`view_offsets`; each frame resized once, every view normalised as :func:`preprocess` does)."""
+    frames = np.asarray(frames)
+    if frames.ndim != 4 or frames.shape[-1] != 3 or frames.dtype != np.uint8:
+        raise ValueError(f"frames must be uint8 [T, H, W, 3], got {frames.dtype} {list(frames.shape)}")
+    _check_interpolation(interpolation)
+    t, h, w, _ = frames.shape
+    nh, nw = resized_shape(h, w, resize_size)
+    offsets = view_offsets(nh, nw, crop_size, views)
+    if (nh, nw) != (h, w):
+        frames = np.stack([resize_short_side(f, resize_size, interpolation) for f in frames])
+    out = np.empty((len(offsets), t, 3, crop_size, crop_size), np.float32)
+    for v, (top, left) in enumerate(offsets):
+        _normalise(frames[:, top:top + crop_size, left:left + crop_size], mean, std, out[v])
     return out
 
 

@@ -13,6 +13,11 @@ Two small strategies keep the loop free of branches on where frames live and on 
   input and cuts patches (on the host with a crop plan made once per video, or on the GPU);
 - a family (:mod:`adafocus.runtime.families`: base, K steps of one patch with a running classifier state;
   TSM, one step of all K patches) builds the local stage's feed and reads its output.
+
+Views (the X3D family's 3-crop evaluation): a flight of V views is V consecutive rows of every engine call
+(glance, policy, backbone, head), each view with its own focus frames and box (``positions`` ``[V, K]``,
+``boxes`` ``[V, K, 4]``); an exit reads the mean of its V rows' logits. One view keeps ``[K]`` / ``[K, 4]``
+and takes its single row as is (no copy).
 """
 
 from __future__ import annotations
@@ -53,10 +58,12 @@ class HostFrames:
         return crop_planned(self.candidates, self._plan, k, position)
 
     def patches(self, positions: np.ndarray, boxes: np.ndarray, pre: Preprocessing) -> np.ndarray:
-        """Every box on its frame ``[K, 3, P, P]`` (the TSM family's one step)."""
+        """Every box on its frame ``[K, 3, P, P]`` (the TSM family's one step); with V views (candidates
+        ``[V, N, 3, S, S]``, positions ``[V, K]``) all views' ``[V * K, 3, P, P]`` in one crop."""
         from adafocus.runtime.crop import crop_cpu
 
-        return crop_cpu(self.candidates, boxes, pre.patch_size, positions)
+        frames, boxes, positions = _flat_views(self.candidates, positions, boxes)
+        return crop_cpu(frames, boxes, pre.patch_size, positions)
 
     @property
     def preprocess_ms(self) -> float:
@@ -101,7 +108,18 @@ class DeviceFrames(HostFrames):
 
     def patches(self, positions: np.ndarray, boxes: np.ndarray, pre: Preprocessing) -> Any:
         xp = self._xp
-        return self._crop(self.candidates, xp.asarray(boxes), pre.patch_size, xp.asarray(positions))
+        frames, boxes, positions = _flat_views(self.candidates, positions, boxes)
+        return self._crop(frames, xp.asarray(boxes), pre.patch_size, xp.asarray(positions))
+
+
+def _flat_views(candidates: Any, positions: np.ndarray, boxes: np.ndarray) -> tuple[Any, np.ndarray, np.ndarray]:
+    """(frames, boxes, positions) for one crop call: as given for one view; V views' candidates
+    ``[V, N, ...]`` as ``[V * N, ...]`` (a view of them) with each view's positions moved to its frames."""
+    if positions.ndim == 1:
+        return candidates, boxes, positions
+    v, n = candidates.shape[:2]
+    frames = candidates.reshape(v * n, *candidates.shape[2:])
+    return frames, boxes.reshape(-1, 4), (positions + n * np.arange(v)[:, None]).reshape(-1)
 
 
 # ------------------------------------------------------------------------------------------- flights
@@ -128,6 +146,7 @@ class Flight:
     timings_ms: dict[str, float] = field(default_factory=lambda: dict.fromkeys(("glance", "policy", "crop",
                                                                                      "local"), 0.0))
     meta: Any = None  # the caller's (the decoded video, for results)
+    views: int = 1  # rows of every engine call (the source's frames are [V, ...] when more than one)
 
     @property
     def steps(self) -> int:
@@ -269,15 +288,15 @@ class StepScheduler:
 
     def _glance(self, flights: list[Flight]) -> None:
         xp = self.xp
-        frames = flights[0].source.glance()[None] if len(flights) == 1 else \
-            xp.stack([f.source.glance() for f in flights])
+        rows = [f.source.glance()[None] if f.views == 1 else f.source.glance() for f in flights]
+        frames = rows[0] if len(rows) == 1 else xp.concatenate(rows)
         g = self._call("global", {"frames": frames}, flights)
         logits = _host(g["logits"])
-        for i, f in enumerate(flights):
-            self._exit(f, logits[i])
+        for f, (lo, hi) in zip(flights, _row_spans(flights), strict=True):
+            self._exit(f, _view_mean(logits, lo, hi))
             if not f.reason:
-                f.glance_out = g if len(flights) == 1 else {"fmap": g["fmap"][i:i + 1], "vec": g["vec"][i:i + 1],
-                                                            "context": g["context"][i:i + 1]}
+                f.glance_out = g if len(flights) == 1 else {"fmap": g["fmap"][lo:hi], "vec": g["vec"][lo:hi],
+                                                            "context": g["context"][lo:hi]}
 
     def _policy(self, flights: list[Flight]) -> None:
         flights = self._in_time(flights, lambda n: self.cost.policy(n, "p90") + self.cost.chunk(1, n, "p90"))
@@ -292,14 +311,21 @@ class StepScheduler:
         out = self._call("policy", feeds, flights)
         actions, weights = _host(out["actions"]), _host(out["weights"])
         positions = focus_positions(weights, p.candidates, p.num_focus, clamp=p.focus_clamp)
-        for i, f in enumerate(flights):
-            acts = actions[i]
-            f.positions = positions[i]
-            acts = acts[f.positions] if acts.shape[0] == p.candidates else np.repeat(acts, p.num_focus, 0)
-            f.boxes = crop_boxes(acts, p.frame_size, p.crop_min, p.crop_max)
+        for f, (lo, hi) in zip(flights, _row_spans(flights), strict=True):
+            if f.views == 1:
+                f.positions, f.boxes = positions[lo], self._boxes(actions[lo], positions[lo])
+            else:  # each view its own frames and box
+                f.positions = positions[lo:hi]
+                f.boxes = np.stack([self._boxes(actions[r], positions[r]) for r in range(lo, hi)])
             f.context = f.glance_out["context"]
             f.glance_out = None
             self.family.start(f, xp)
+
+    def _boxes(self, actions: np.ndarray, positions: np.ndarray) -> np.ndarray:
+        """One row's boxes ``[K, 4]``: its action per focus frame (base) or its one action repeated (TSM, X3D)."""
+        p = self.pre
+        acts = actions[positions] if actions.shape[0] == p.candidates else np.repeat(actions, p.num_focus, 0)
+        return crop_boxes(acts, p.frame_size, p.crop_min, p.crop_max)
 
     def _local(self, flights: list[Flight]) -> float:
         """Focus steps: one backbone call for the next chunk of every flight, then head calls, one step of
@@ -323,18 +349,19 @@ class StepScheduler:
         patches = rows[0] if len(rows) == 1 else xp.concatenate(rows)
         features = self._call("backbone", {fam.patch_input: patches}, flights)["features"]
         pending, start = {}, 0
-        for f, n in zip(flights, sizes, strict=True):
-            pending[id(f)] = [features[i:i + 1] for i in range(start, start + n)]
+        for f, n in zip(flights, sizes, strict=True):  # a step's features: the flight's V rows
+            v = f.views
+            pending[id(f)] = [features[i:i + v] for i in range(start, start + n * v, v)]
             f.computed += n
-            start += n
+            start += n * v
         going = flights
         while going:
             feeds = fam.head_feed(going, [pending[id(f)].pop(0) for f in going], xp)
             out = self._call("head", feeds, going)
             fam.absorb(going, out)
             logits = _host(out["logits"])
-            for i, f in enumerate(going):
-                self._exit(f, logits[i])
+            for f, (lo, hi) in zip(going, _row_spans(going), strict=True):
+                self._exit(f, _view_mean(logits, lo, hi))
             going = [f for f in going if pending[id(f)] and not f.reason]
         return crop_ms
 
@@ -365,6 +392,19 @@ class StepScheduler:
         return [f for f in flights if not f.reason]
 
 # ------------------------------------------------------------------------------------------ helpers
+def _row_spans(flights: list[Flight]) -> Iterator[tuple[int, int]]:
+    """Each flight's rows ``[lo, hi)`` in a call that batches ``flights`` (V rows for V views)."""
+    lo = 0
+    for f in flights:
+        yield lo, lo + f.views
+        lo += f.views
+
+
+def _view_mean(logits: np.ndarray, lo: int, hi: int) -> np.ndarray:
+    """A flight's logits ``[C]``: its one row as is, or the mean over its views' rows (upstream's average)."""
+    return logits[lo] if hi - lo == 1 else logits[lo:hi].mean(axis=0)
+
+
 def host(x: Any) -> np.ndarray:
     """A numpy array of an engine output (numpy, cupy, OrtValue or torch)."""
     if isinstance(x, np.ndarray):
