@@ -62,7 +62,7 @@ def measure_profile(bundle: str | os.PathLike, engine: str = "auto", device: str
                 say(f"{stage:<8} x{n:<3} p50 {q.p50:8.3f} ms   p90 {q.p90:8.3f} ms")
         fixed, measured = _fixed_costs(pipe, stages, seconds, min_reps, rng)
         say(f"fixed    preprocess {fixed.preprocess_frame:.3f} ms/frame, {fixed.video:.3f} ms/video, "
-            f"{fixed.step:.3f} ms/step")
+            f"policy host {fixed.policy:.3f} ms, {fixed.step:.3f} ms/step")
         used = [m.stages[s].file for s in TIMED_STAGES]
         if pipe.precision != m.precision:
             used = [m.precisions[pipe.precision].get(s, m.stages[s].file) for s in TIMED_STAGES]
@@ -116,8 +116,10 @@ def _quantiles(times: list[float]) -> Quantiles:
 
 
 def _fixed_costs(pipe, stages, seconds: float, min_reps: int, rng) -> tuple[FixedCosts, dict[str, float]]:
-    """Preprocessing per frame, and the host work per video and per step that the engine calls leave:
-    whole-pipeline runs on a synthetic video, glance only and every step (no early exit)."""
+    """The host work around the engine calls, fitted from whole-pipeline runs on a synthetic video (glance
+    only, and every step without early exit) and the runtime's own timings of them: preprocessing per
+    frame, the rest of a glance-only run, the policy stage's host work (sampling, boxes, the crop plan), and
+    what each focus step adds beyond its backbone and head calls."""
     from adafocus.runtime.budget import Budget
     from adafocus.runtime.decode import DecodedVideo
 
@@ -127,28 +129,29 @@ def _fixed_costs(pipe, stages, seconds: float, min_reps: int, rng) -> tuple[Fixe
     frames = rng.integers(0, 256, (len(indices), short, short * 4 // 3, 3), dtype=np.uint8)
     video = DecodedVideo("synthetic", frames, indices, int(indices.max()) + 1, 25.0, short * 4 // 3, short,
                          "header", 0.0)
-    pre = _time_calls(lambda: pipe.preprocess(frames[:8]), seconds, min_reps, pipe).p50 / 8
     exits = pipe.exits
     steps = len(exits) - 1
-    glance_only = Budget(exits[0], 0, None)
-    full = Budget(exits[-1], steps, None)
-
-    def model_ms(budget) -> float:
-        res = pipe(video, budget)
-        return res.timings_ms["total"] - res.timings_ms["decode"]
-
-    runs = (("glance_only_ms", glance_only), ("full_ms", full))
+    runs = (("glance_only", Budget(exits[0], 0, None)), ("full", Budget(exits[-1], steps, None)))
     for _, b in runs:  # warm-up
-        model_ms(b)
-        model_ms(b)
-    # the model time of a run as the runtime reports it (decode excluded), alternating the two budgets
-    samples: dict[str, list[float]] = {name: [] for name, _ in runs}
+        pipe(video, b)
+        pipe(video, b)
+    # alternating the two budgets; the model time as the runtime reports it (decode excluded), and its parts
+    samples: dict[str, list[dict[str, float]]] = {name: [] for name, _ in runs}
     for _ in range(max(9, min_reps // 2)):
         for name, b in runs:
-            samples[name].append(model_ms(b))
-    measured = {name: round(float(np.median(v)), 4) for name, v in samples.items()}
-    model = CostModel(Profile("", "", pipe.device, "", None, stages, FixedCosts(pre, 0.0, 0.0), {}), pipe.manifest)
-    per_video = measured["glance_only_ms"] - model.glance()
-    engines_full = model.policy() + steps * (model.stage("backbone", 1) + model.stage("head", 1))
-    per_step = (measured["full_ms"] - measured["glance_only_ms"] - engines_full) / max(1, steps)
-    return FixedCosts(round(pre, 4), round(max(0.0, per_video), 4), round(max(0.0, per_step), 4)), measured
+            samples[name].append(pipe(video, b).timings_ms)
+
+    def med(name: str, key: str) -> float:
+        return float(np.median([t[key] - (t["decode"] if key == "total" else 0.0) for t in samples[name]]))
+
+    model = CostModel(Profile("", "", pipe.device, "", None, stages, FixedCosts(0.0, 0.0, 0.0), {}), pipe.manifest)
+    glance_ms, full_ms = med("glance_only", "total"), med("full", "total")
+    pre_frames = model.glance_frames if model.lazy_frames else model.frames
+    pre = med("glance_only", "preprocess") / pre_frames
+    per_video = glance_ms - pre * pre_frames - model.stage("global")
+    policy_host = med("full", "policy") - model.stage("policy")
+    engines_full = model.stage("policy") + steps * (model.stage("backbone", 1) + model.stage("head", 1))
+    per_step = (full_ms - glance_ms - engines_full - max(0.0, policy_host)) / max(1, steps)
+    fixed = FixedCosts(round(pre, 4), round(max(0.0, per_video), 4), round(max(0.0, per_step), 4),
+                       round(max(0.0, policy_host), 4))
+    return fixed, {"glance_only_ms": round(glance_ms, 4), "full_ms": round(full_ms, 4)}

@@ -39,9 +39,10 @@ class Quantiles:
 class FixedCosts:
     """Host work around the engines, in ms (fitted from whole-pipeline runs on synthetic videos)."""
 
-    preprocess_frame: float  # resize + crop + normalise one decoded frame
+    preprocess_frame: float  # resize + crop + normalise one decoded frame (as the runtime does it)
     video: float  # per video: everything but engine calls and preprocessing, up to the glance's exit
     step: float  # per focus step: crop, lazy preprocessing of a focus frame, the loop's bookkeeping
+    policy: float = 0.0  # the policy stage's host work: frame sampling, boxes, the crop plan
 
 
 @dataclass
@@ -167,13 +168,13 @@ class CostModel:
         self.frames = p.candidates + (p.num_glance if p.glance_positions is None else 0)
         # the CPU base family preprocesses the glance frames first, the focus frames as steps read them
         self.lazy_frames = manifest.family == "base" and p.glance_positions is not None and prof.device == "cpu"
-        self._tables = {s: sorted((int(k), q) for k, q in prof.stages[s].items()) for s in TIMED_STAGES}
+        self._tables = {(s, q): sorted((int(k), getattr(v, q)) for k, v in prof.stages[s].items())
+                        for s in TIMED_STAGES for q in ("p50", "p90")}
 
     def stage(self, stage: str, size: int = 1, q: str = "p50") -> float:
         """ms of one call of ``stage`` on ``size`` items: the measured sizes interpolated linearly, and past
         the largest extrapolated by its per-item cost."""
-        table = self._tables[stage]
-        pts = [(n, getattr(v, q)) for n, v in table]
+        pts = self._tables[stage, q]
         if size <= pts[0][0]:
             return pts[0][1]
         for (n0, t0), (n1, t1) in zip(pts, pts[1:], strict=False):
@@ -189,7 +190,7 @@ class CostModel:
         return pre * f.preprocess_frame + self.stage("global", batch, q) / batch + f.video
 
     def policy(self, batch: int = 1, q: str = "p50") -> float:
-        return self.stage("policy", batch, q) / batch
+        return self.stage("policy", batch, q) / batch + self.profile.fixed.policy
 
     def chunk(self, n: int, batch: int = 1, q: str = "p50") -> float:
         """A chunk of ``n`` focus steps of each of ``batch`` videos (one backbone call, n head calls): the
