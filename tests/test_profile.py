@@ -386,3 +386,27 @@ def test_calibrate_time_targets_errors_are_one_line(tmp_path, args, line, capsys
         main(["calibrate", "thresholds", str(tmp_path / "b"), "--data", str(tmp_path / "data"), *args])
     err = capsys.readouterr().err
     assert exit_.value.code == 1 and line in err and len(err.strip().splitlines()) == 1
+
+
+def test_deadline_learns_a_slower_machine(bundle):
+    """Calls taking twice the profile's time: the plan's slowdown follows the measured chunks (1.2, 1.36,
+    1.49 after steps 1-3), so the fourth step, which the profile alone would let start at 86 ms and end at
+    110, is not started: the video stops at 86 ms of its 100."""
+    prof = synthetic_profile(bundle, backbone=lambda n: 11.0 * n, head=1.0, glance=5.0, policy=2.0)
+    with Pipeline.from_bundle(bundle, engine="ort", chunk=1) as pipe:
+        b = pipe.budget("100ms")
+        b = Budget(b.gflops, b.max_steps, None, ms=b.ms)
+        clock = FakeClock()
+        cost = pipe.cost_model()
+        first = {"global": "frames", "policy": "fmap", "backbone": "patch", "head": "features"}
+        for stage, name in first.items():
+            pipe.engines[stage] = Timed(pipe.engines[stage], clock,
+                                        lambda f, s=stage, n=name: 2 * cost.stage(s, len(f[n]), "p90"))
+        pipe.clock = clock
+        start = clock.now
+        res = pipe(sample_videos()[1], b)
+    assert (res.exit_step, res.exit_reason) == (3, "deadline")
+    assert (clock.now - start) * 1e3 == pytest.approx(86.0) and cost.slow == pytest.approx(1.488)
+    cost.observe(10.0, 0.0)  # nothing predicted: nothing learnt
+    cost.observe(1000.0, 1.0)  # a wild measurement moves it by at most a fifth of the cap (3)
+    assert cost.slow == pytest.approx(0.8 * 1.488 + 0.2 * 3.0)

@@ -171,6 +171,16 @@ class CostModel:
         self._tables = {(s, q): sorted((int(k), getattr(v, q)) for k, v in prof.stages[s].items())
                         for s in TIMED_STAGES for q in ("p50", "p90")}
 
+    slow = 1.0  # how much longer than predicted this run's calls take (see ``observe``)
+
+    def observe(self, measured_ms: float, predicted_ms: float) -> None:
+        """Learn from a measured stage against its p50 prediction: ``slow`` follows their ratio (a moving
+        average, within 0.5..3), so deadlines plan with this run's speed when the machine is busier (or
+        freer) than when it was profiled."""
+        if predicted_ms > 0 and measured_ms > 0:
+            ratio = min(3.0, max(0.5, measured_ms / predicted_ms))
+            self.slow = 0.8 * self.slow + 0.2 * ratio
+
     def stage(self, stage: str, size: int = 1, q: str = "p50") -> float:
         """ms of one call of ``stage`` on ``size`` items: the measured sizes interpolated linearly, and past
         the largest extrapolated by its per-item cost."""

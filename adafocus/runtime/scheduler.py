@@ -202,6 +202,7 @@ class StepScheduler:
         self.max_batch = dict(max_batch or {})  # step ("global", "policy", "local") -> most flights per call
         self.family = FAMILIES[manifest.family](manifest)
         self.cost = cost  # a profile's CostModel: needed by flights with a deadline
+        self._observed: tuple[float, int, int] | None = None  # a local round to measure against the profile
         self.clock = clock  # what deadlines are read on (seconds)
         self.stats = BatchStats()
 
@@ -299,7 +300,8 @@ class StepScheduler:
                                                             "context": g["context"][lo:hi]}
 
     def _policy(self, flights: list[Flight]) -> None:
-        flights = self._in_time(flights, lambda n: self.cost.policy(n, "p90") + self.cost.chunk(1, n, "p90"))
+        flights = self._in_time(flights, lambda n: (self.cost.policy(n, "p90") + self.cost.chunk(1, n, "p90"))
+                                * self.cost.slow)
         if not flights:
             return
         p, xp = self.pre, self.xp
@@ -342,6 +344,7 @@ class StepScheduler:
         if not flights:
             return 0.0
         tick = time.perf_counter()
+        self._observed = None if self.cost is None or len(set(sizes)) > 1 else (self.clock(), sizes[0], len(flights))
         lazy_before = sum(f.source.preprocess_ms for f in flights)
         rows = [fam.patches(f, n, xp) for f, n in zip(flights, sizes, strict=True)]
         crop_ms = (time.perf_counter() - tick) * 1e3 - (sum(f.source.preprocess_ms for f in flights) - lazy_before)
@@ -363,6 +366,9 @@ class StepScheduler:
             for f, (lo, hi) in zip(going, _row_spans(going), strict=True):
                 self._exit(f, _view_mean(logits, lo, hi))
             going = [f for f in going if pending[id(f)] and not f.reason]
+        if self._observed is not None and not any(pending[id(f)] for f in flights):  # every chunk ran whole
+            t0, n, b = self._observed
+            self.cost.observe((self.clock() - t0) * 1e3, self.cost.chunk(n, b))
         return crop_ms
 
     def _chunk(self, f: Flight, batch: int = 1) -> int:
@@ -375,7 +381,7 @@ class StepScheduler:
         if f.deadline is None:
             return n
         room = (f.deadline - self.clock()) * 1e3
-        while n and self.cost.chunk(n, batch, "p90") > room:
+        while n and self.cost.chunk(n, batch, "p90") * self.cost.slow > room:
             n -= 1
         return n
 
