@@ -164,6 +164,8 @@ class BenchRow:
     p95_over_budget: float | None = None
     deadline_stops: int | None = None
     deadline_min_used: float | None = None
+    over_budget: int | None = None  # samples whose model time passed 1.1x the time budget
+    over_in_glance: int | None = None  # of those, how many had passed the budget already in the glance
     labels: dict[str, str] = field(default_factory=dict, repr=False)  # video -> predicted label (first repeat)
 
     def to_dict(self) -> dict:
@@ -627,6 +629,9 @@ def _row(model: _Model, engine: str, precision: str, config: BenchConfig, pipe, 
             p95 = float(np.percentile([s["model"] for s in model.samples], 95))
             row.p95_over_budget = round(p95 / model.budget_ms, 4)
             row.deadline_stops = len(model.deadline_used)
+            over = [s for s in model.samples if s["model"] > 1.1 * model.budget_ms]
+            row.over_budget = len(over)
+            row.over_in_glance = sum(s["preprocess"] + s["upload"] + s["glance"] > model.budget_ms for s in over)
             row.deadline_min_used = round(min(model.deadline_used), 4) if model.deadline_used else None
     else:
         row.gflops = _dense_gflops(pipe.manifest)
@@ -669,7 +674,8 @@ def _summary(row: BenchRow) -> str:
     if row.predicted_ms is not None:
         text += f", predicted {row.predicted_ms:.2f} ms"
     if row.budget_ms is not None:
-        text += (f", p95/budget {row.p95_over_budget:.2f}, {row.deadline_stops} stopped by the deadline"
+        text += (f", p95/budget {row.p95_over_budget:.2f} ({row.over_budget} over 1.1x, {row.over_in_glance} of "
+                 f"them past it in the glance), {row.deadline_stops} stopped by the deadline"
                  + (f" (least share used {row.deadline_min_used:.0%})" if row.deadline_stops else ""))
     if row.speedup_model:
         text += (f", speedup {row.speedup_model:.2f}x (w/o preprocess {row.speedup_compute or 0:.2f}x; GFLOPs "

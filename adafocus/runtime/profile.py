@@ -175,10 +175,11 @@ class CostModel:
 
     def observe(self, measured_ms: float, predicted_ms: float) -> None:
         """Learn from a measured stage against its p50 prediction: ``slow`` follows their ratio (a moving
-        average, within 0.5..3), so deadlines plan with this run's speed when the machine is busier (or
+        average; one measurement counts within 0.67..1.5, so a single stall on a shared machine does not make
+        every later plan timid), so deadlines plan with this run's speed when the machine is busier (or
         freer) than when it was profiled."""
         if predicted_ms > 0 and measured_ms > 0:
-            ratio = min(3.0, max(0.5, measured_ms / predicted_ms))
+            ratio = min(1.5, max(0.67, measured_ms / predicted_ms))
             self.slow = 0.8 * self.slow + 0.2 * ratio
 
     def stage(self, stage: str, size: int = 1, q: str = "p50") -> float:
