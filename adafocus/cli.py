@@ -231,6 +231,8 @@ def _echo_profiles(b) -> None:
 @app.command("profile")
 def profile_cmd(
     bundle: Path = typer.Argument(..., help="Bundle directory (the profile is written into it)."),
+    videos: list[str] = typer.Argument(None, help="Videos the fixed costs are fitted on (default: the bundled "
+                                       "samples)."),
     engine: str = typer.Option("auto", "--engine", "-e", help="auto, ort, ort-cuda, ort-tensorrt, tensorrt."),
     device: str = typer.Option("cpu", "--device", "-d", help="cpu or cuda[:N]."),
     threads: int = typer.Option(None, "--threads", help="CPU threads per engine (default: onnxruntime's)."),
@@ -249,8 +251,11 @@ def profile_cmd(
         raise ConfigError(f"--batches must be comma separated integers, got {batches!r}") from None
     if seconds <= 0:
         raise ConfigError(f"--seconds must be positive, got {seconds}")
+    from adafocus.runtime.pipeline import expand_videos
+
+    paths = expand_videos(videos) if videos else None
     prof, path = measure_profile(bundle, engine=engine, device=device, threads=threads, precision=precision,
-                                 batches=sizes, seconds=seconds, log=typer.echo)
+                                 batches=sizes, seconds=seconds, videos=paths, log=typer.echo)
     typer.echo(f"glance only {prof.measured['glance_only_ms']:.3f} ms, every step {prof.measured['full_ms']:.3f} ms "
                f"a video (p50, decode excluded)")
     typer.echo(f"wrote {path}")

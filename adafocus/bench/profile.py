@@ -32,9 +32,12 @@ DEFAULT_BATCHES = (1, 2, 4, 8)
 
 def measure_profile(bundle: str | os.PathLike, engine: str = "auto", device: str = "cpu", threads: int | None = None,
                     precision: str | None = None, batches: Iterable[int] = DEFAULT_BATCHES, seconds: float = 0.6,
-                    min_reps: int = 15, write: bool = True,
+                    min_reps: int = 15, write: bool = True, videos: Iterable[str] | None = None,
                     log: Callable[[str], None] | None = None) -> tuple[Profile, Any]:
     """Measure the bundle's stages on ``device`` and (``write``) store ``profiles/<key>.json`` in it.
+
+    ``videos``: real files the fixed costs are fitted on (default: the bundled sample videos); give videos
+    like the ones the bundle will see where their size differs much from 128 px.
 
     ``seconds``: time spent per measured configuration (at least ``min_reps`` calls, after 3 warm-up calls).
     Returns the profile and the path written (None without ``write``)."""
@@ -60,7 +63,7 @@ def measure_profile(bundle: str | os.PathLike, engine: str = "auto", device: str
                 q = _time_calls(lambda s=stage, f=feeds: pipe.engines[s].run(f), seconds, min_reps, pipe)
                 stages[stage][str(n)] = q
                 say(f"{stage:<8} x{n:<3} p50 {q.p50:8.3f} ms   p90 {q.p90:8.3f} ms")
-        fixed, measured = _fixed_costs(pipe, stages, seconds, min_reps, rng)
+        fixed, measured = _fixed_costs(pipe, stages, min_reps, list(videos or _default_videos()))
         say(f"fixed    preprocess {fixed.preprocess_frame:.3f} ms/frame, {fixed.video:.3f} ms/video, "
             f"policy host {fixed.policy:.3f} ms, {fixed.step:.3f} ms/step")
         used = [m.stages[s].file for s in TIMED_STAGES]
@@ -72,6 +75,12 @@ def measure_profile(bundle: str | os.PathLike, engine: str = "auto", device: str
                        environment=environment(threads), created=now_iso())
         path = write_profile(pipe.bundle.path, prof) if write else None
     return prof, path
+
+
+def _default_videos() -> list[str]:
+    from adafocus.demo.shipped import sample_videos
+
+    return [str(v) for v in sample_videos()]
 
 
 def _backbone_sizes(steps: int, batches: list[int]) -> list[int]:
@@ -115,31 +124,26 @@ def _quantiles(times: list[float]) -> Quantiles:
     return Quantiles(round(float(np.percentile(a, 50)), 4), round(float(np.percentile(a, 90)), 4))
 
 
-def _fixed_costs(pipe, stages, seconds: float, min_reps: int, rng) -> tuple[FixedCosts, dict[str, float]]:
-    """The host work around the engine calls, fitted from whole-pipeline runs on a synthetic video (glance
-    only, and every step without early exit) and the runtime's own timings of them: preprocessing per
-    frame, the rest of a glance-only run, the policy stage's host work (sampling, boxes, the crop plan), and
-    what each focus step adds beyond its backbone and head calls."""
+def _fixed_costs(pipe, stages, min_reps: int, videos: list[str]) -> tuple[FixedCosts, dict[str, float]]:
+    """The host work around the engine calls, fitted from whole-pipeline runs on real video files (glance
+    only, and every step without early exit; each run decodes its video first, as the runtime does, so the
+    caches are in the state the model finds them in) and the runtime's own timings of them: preprocessing
+    per frame, the rest of a glance-only run, the policy stage's host work (sampling, boxes, the crop
+    plan), and what each focus step adds beyond its backbone and head calls."""
     from adafocus.runtime.budget import Budget
-    from adafocus.runtime.decode import DecodedVideo
 
-    p = pipe.pre
-    short = p.resize_size
-    indices = pipe.sample_indices(max(64, p.candidates * 2))
-    frames = rng.integers(0, 256, (len(indices), short, short * 4 // 3, 3), dtype=np.uint8)
-    video = DecodedVideo("synthetic", frames, indices, int(indices.max()) + 1, 25.0, short * 4 // 3, short,
-                         "header", 0.0)
     exits = pipe.exits
     steps = len(exits) - 1
     runs = (("glance_only", Budget(exits[0], 0, None)), ("full", Budget(exits[-1], steps, None)))
     for _, b in runs:  # warm-up
-        pipe(video, b)
-        pipe(video, b)
-    # alternating the two budgets; the model time as the runtime reports it (decode excluded), and its parts
+        for v in videos[:2]:
+            pipe(v, b)
+    # alternating the two budgets over the videos; the model time as the runtime reports it (decode
+    # excluded), and its parts
     samples: dict[str, list[dict[str, float]]] = {name: [] for name, _ in runs}
-    for _ in range(max(9, min_reps // 2)):
+    for i in range(max(12, min_reps)):
         for name, b in runs:
-            samples[name].append(pipe(video, b).timings_ms)
+            samples[name].append(pipe(videos[i % len(videos)], b).timings_ms)
 
     def med(name: str, key: str) -> float:
         return float(np.median([t[key] - (t["decode"] if key == "total" else 0.0) for t in samples[name]]))
