@@ -517,19 +517,19 @@ class Pipeline:
             decoded=decoded if self.keep_decoded else None)
 
     def _chunk_used(self, flight: Flight) -> int | list[int]:
-        if not flight.chunks:
-            return flight.chunk
-        out, k = [], 0
-        while k < max(flight.computed, 1) and k < len(flight.chunks):
-            out.append(flight.chunks[k])
-            k += flight.chunks[k]
-        return out
+        """The chunk: the fixed one, or with planned chunks the sizes of the backbone calls made."""
+        return flight.chunk if not flight.chunks else list(flight.ran)
 
     def _predicted(self, flight: Flight) -> float | None:
-        """The profile's prediction of the model time of what this flight ran (None without a profile)."""
+        """The profile's prediction of the model time of what this flight ran, its backbone calls as they
+        were made (a deadline cuts chunks) (None without a profile)."""
         if self._cost is None or self.views > 1:  # profiles are of one view
             return None
-        chunks = flight.chunks or [flight.chunk] * self._cost.steps
+        chunks, k = [1] * self._cost.steps, 0
+        for n in flight.ran:
+            if k < len(chunks):
+                chunks[k] = n
+            k += n
         return round(self._cost.exit_times(chunks)[flight.steps], 3)
 
     def computed_gflops(self, flight: Flight) -> float:

@@ -139,6 +139,7 @@ class Flight:
     chunk: int = 1  # steps per backbone call
     chunks: list[int] | None = None  # a planned chunk size for each step a chunk starts at (else ``chunk``)
     deadline: float | None = None  # perf_counter() time by which the model must be done (a time budget)
+    ran: list[int] = field(default_factory=list)  # the size of every backbone call the flight made, in order
     context: Any = None
     state: Any = None  # the base family's running classifier state [1, D]
     reason: str = ""  # "confident", "budget", "last" once done; "error" when an engine call failed
@@ -356,6 +357,7 @@ class StepScheduler:
             v = f.views
             pending[id(f)] = [features[i:i + v] for i in range(start, start + n * v, v)]
             f.computed += n
+            f.ran.append(n)
             start += n * v
         going = flights
         while going:
