@@ -292,7 +292,10 @@ def test_three_views_batched_take_the_same_decisions(pipe3, real_videos):
     assert set(got) == set(one)
     for path, res in got.items():
         assert res.label == one[path].label and res.focus_positions == one[path].focus_positions
-        assert res.patches == one[path].patches and res.score == pytest.approx(one[path].score, rel=1e-5)
+        assert [pt.frame for pt in res.patches] == [pt.frame for pt in one[path].patches]
+        np.testing.assert_allclose([pt.box_model for pt in res.patches], [pt.box_model for pt in one[path].patches],
+                                   atol=1e-2)
+        assert res.score == pytest.approx(one[path].score, rel=1e-4, abs=1e-6)
     assert pipe3.last_stats.mean_batch("head") > 1
 
 
@@ -301,9 +304,12 @@ def test_views_budgets_count_every_view(pipe3, pipe):
     is the same share; time budgets (profiles of one view) are refused in one line."""
     from adafocus.errors import BudgetError
 
-    one = pipe.exits[1]
-    assert pipe3.exits == pytest.approx([3 * e for e in pipe.exits])
-    assert pipe3.budget(str(one)).max_steps == 0 and pipe3.budget(str(3 * one)).max_steps == 1
+    glance, full = pipe.exits
+    assert pipe3.exits == pytest.approx([3 * glance, 3 * full])
+    assert pipe3.budget(str(3 * glance)).max_steps == 0 and pipe3.budget(str(3 * full)).max_steps == 1
+    assert pipe3.budget("90%").gflops == pytest.approx(3 * pipe.budget("90%").gflops)  # the same share
+    with pytest.raises(BudgetError, match="below the glance cost"):  # one view's full cost: not 3 glances
+        pipe3.budget(str(full))
     with pytest.raises(BudgetError, match="one view"):
         pipe3.budget("25ms")
 

@@ -1,7 +1,8 @@
 """``add_dense``: put a dense baseline into a bundle as ``dense.onnx``, so benchmarks can compare against it.
 
 The dense baseline (:mod:`adafocus.models.dense`) is the same local encoder run on every candidate frame,
-whole (``frame_size`` pixels), features pooled over time, one linear head: ``dense.onnx`` takes the
+whole (``frame_size`` pixels), features pooled over time, one linear head (X3D: X3D-L on the clip of all
+candidates, its own head): ``dense.onnx`` takes the
 normalised candidate frames ``frames [B, N, 3, S, S]`` the runtime already decodes and preprocesses for the
 adaptive model, and returns ``logits [B, C]``. It is an optional stage: the runtime never needs it, and
 ``adafocus bench`` measures it in the same run as the adaptive stages.
@@ -29,7 +30,7 @@ from adafocus.bundle import Manifest, StageInfo, load_bundle, update_manifest
 from adafocus.errors import AdaFocusError, BundleError, CheckpointError
 from adafocus.export.onnx_export import DEFAULT_OPSET, ExportError, export_stage, io_specs, simplify
 from adafocus.models.config import ModelConfig
-from adafocus.models.dense import DenseBaseline, dense_gflops, load_dense
+from adafocus.models.dense import DenseBaseline, DenseX3D, build_dense, dense_gflops, load_dense
 
 DENSE_FILE = "dense.onnx"
 TRACE_BATCH = 1  # traced at 1, checked at 2 (a batch baked into the graph shows up)
@@ -44,7 +45,7 @@ class DenseStage(nn.Module):
     input_names = ("frames",)
     output_names = ("logits",)
 
-    def __init__(self, model: DenseBaseline, dtype: torch.dtype = torch.float32):
+    def __init__(self, model: DenseBaseline | DenseX3D, dtype: torch.dtype = torch.float32):
         super().__init__()
         self.model = model
         self.dtype = dtype
@@ -54,12 +55,12 @@ class DenseStage(nn.Module):
         return (self.model(frames.to(self.dtype)).float(),)  # a tuple, like every stage (export_stage zips it)
 
 
-def random_dense(cfg: ModelConfig, seed: int = 0) -> DenseBaseline:
+def random_dense(cfg: ModelConfig, seed: int = 0) -> DenseBaseline | DenseX3D:
     """A random-weight baseline of ``cfg`` whose BatchNorm statistics come from its own activations on random
     frames (fresh statistics shrink a random ResNet's activations towards denormals, which run slower on
     some CPUs and would bias a timing)."""
     torch.manual_seed(seed)
-    model = DenseBaseline(cfg)
+    model = build_dense(cfg)
     bns = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
     for m in bns:
         m.reset_running_stats()
@@ -88,7 +89,8 @@ def dense_engine(checkpoint: str | Path, manifest: Manifest, device: str = "cpu"
                          output_names=list(DenseStage.output_names), device=device, cuda_graphs=cuda_graphs)
 
 
-def check_dense_source(model: DenseBaseline, checkpoint: str | Path, manifest: Manifest, bundle: str = "") -> None:
+def check_dense_source(model: DenseBaseline | DenseX3D, checkpoint: str | Path, manifest: Manifest,
+                       bundle: str = "") -> None:
     """A dense checkpoint for the bundle's torch rows: when ``add_dense`` recorded the weights digest of the
     bundle's dense baseline, the checkpoint must be that one; otherwise (random or older baselines, or none)
     it must at least fit the bundle's frames and classes. One-line CheckpointError if not."""
