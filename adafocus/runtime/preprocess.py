@@ -94,15 +94,20 @@ def center_crop_offsets(height: int, width: int, crop_size: int) -> tuple[int, i
     return int(round((height - crop_size) / 2.0)), int(round((width - crop_size) / 2.0))
 
 
-def center_crops(frames: np.ndarray, resize_size: int, crop_size: int, interpolation: str = "auto") -> np.ndarray:
-    """uint8 RGB frames ``[T, H, W, 3]`` -> their uint8 centre crops ``[T, crop, crop, 3]`` after resizing the
-    shorter side (a view of ``frames`` when it is ``resize_size`` already, as the runtime decodes them)."""
+def _frames_in(frames: np.ndarray, resize_size: int, interpolation: str) -> tuple[np.ndarray, int, int]:
+    """Checked uint8 RGB frames ``[T, H, W, 3]`` and their (height, width) once resized to ``resize_size``."""
     frames = np.asarray(frames)
     if frames.ndim != 4 or frames.shape[-1] != 3 or frames.dtype != np.uint8:
         raise ValueError(f"frames must be uint8 [T, H, W, 3], got {frames.dtype} {list(frames.shape)}")
     _check_interpolation(interpolation)
+    return frames, *resized_shape(frames.shape[1], frames.shape[2], resize_size)
+
+
+def center_crops(frames: np.ndarray, resize_size: int, crop_size: int, interpolation: str = "auto") -> np.ndarray:
+    """uint8 RGB frames ``[T, H, W, 3]`` -> their uint8 centre crops ``[T, crop, crop, 3]`` after resizing the
+    shorter side (a view of ``frames`` when it is ``resize_size`` already, as the runtime decodes them)."""
+    frames, nh, nw = _frames_in(frames, resize_size, interpolation)
     t, h, w, _ = frames.shape
-    nh, nw = resized_shape(h, w, resize_size)
     top, left = center_crop_offsets(nh, nw, crop_size)
     if (nh, nw) == (h, w):
         return frames[:, top:top + crop_size, left:left + crop_size]
@@ -172,12 +177,8 @@ def preprocess_views(frames: np.ndarray, views: int, resize_size: int = 256, cro
                      interpolation: str = "auto") -> np.ndarray:
     """uint8 RGB frames ``[T, H, W, 3]`` -> the normalised crops of every view ``[V, T, 3, crop, crop]``
     (:func:`view_offsets`; each frame resized once, every view normalised as :func:`preprocess` does)."""
-    frames = np.asarray(frames)
-    if frames.ndim != 4 or frames.shape[-1] != 3 or frames.dtype != np.uint8:
-        raise ValueError(f"frames must be uint8 [T, H, W, 3], got {frames.dtype} {list(frames.shape)}")
-    _check_interpolation(interpolation)
+    frames, nh, nw = _frames_in(frames, resize_size, interpolation)
     t, h, w, _ = frames.shape
-    nh, nw = resized_shape(h, w, resize_size)
     offsets = view_offsets(nh, nw, crop_size, views)
     if (nh, nw) != (h, w):
         frames = np.stack([resize_short_side(f, resize_size, interpolation) for f in frames])
