@@ -204,7 +204,9 @@ class Pipeline:
         reads the logits averaged over the views. Costs are per video, for all views: the exit costs, the
         dense cost (so a ``%`` budget is the same share) and the calibrated budgets are multiplied by
         ``views``; the calibrated thresholds, solved on one view's logits, are applied to the averaged ones.
-        Time budgets and ``--chunk auto`` plans (profiles of one view) are not used with views. Returns it."""
+        Time budgets and ``--chunk auto`` plans (profiles of one view) are not used with views. A result's
+        ``focus_positions`` and ``patches`` are the centre view's (upstream's third), its ``frames_used`` every
+        view's frames. Returns it."""
         from adafocus.runtime.families import FAMILIES
         from adafocus.runtime.preprocess import VIEWS
 
@@ -333,7 +335,8 @@ class Pipeline:
 
     def run_frames(self, frames: np.ndarray, budget: Budget | None = None,
                    glance_frames: np.ndarray | None = None) -> Trace:
-        """The step loop on normalised frames: candidates ``[N, 3, S, S]`` (+ the TSM glance frames).
+        """The step loop on normalised frames: candidates ``[N, 3, S, S]`` (+ the TSM/X3D glance frames); with
+        V views (:meth:`set_views`) ``[V, N, 3, S, S]`` and ``[V, Tg, 3, S, S]``, as :meth:`preprocess` makes.
 
         Base family: the glance frames are ``preprocessing.glance_positions`` of the candidates.
         """
