@@ -331,3 +331,7 @@ def test_cli_views(exported, real_videos, capsys):
     err = capsys.readouterr().err.strip().splitlines()
     assert exc.value.code == 1 and err == ["error: 3 views: the base family is evaluated on 1 view(s) (multi-view "
                                            "evaluation is X3D's)"]
+    with pytest.raises(SystemExit) as exc:
+        run_main([str(real_videos[1]), "--model", str(exported), "--views", "2"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert exc.value.code == 1 and err == ["error: views must be one of 1, 3, got 2"]
