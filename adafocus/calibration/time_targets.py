@@ -6,7 +6,7 @@ tables are specific to a device, engine and thread count, so they are stored in 
 (``profiles/<key>.json``, key ``"20ms"``), not in the manifest; ``--budget 20ms --average`` reads them.
 The report gives, per target, the predicted average on the calibration split, and on the held-out split the
 predicted and the **measured** average model time (the held-out videos run through the pipeline with the
-solved thresholds, decoded once beforehand so that decode stays out).
+solved thresholds, each decoded right before as the runtime does; decode is not counted).
 """
 
 from __future__ import annotations
@@ -121,7 +121,7 @@ def calibrate_time_targets(bundle: str | os.PathLike, data: str | os.PathLike, b
         sols = solve_budgets(cal.scores(crit), cal.preds, cal.labels, costs, wanted, criterion=crit,
                              calibration_split=calib_split)
         result = TimeTargetsResult(cost.profile.key, [round(c, 4) for c in costs])
-        decoded = [pipe.decode(v.path) for v in held[0]] if held else []
+        paths = [str(v.path) for v in held[0]] if held else []
         steps = len(costs) - 1
         entries = []
         for sol in sols:
@@ -133,9 +133,9 @@ def calibrate_time_targets(bundle: str | os.PathLike, data: str | os.PathLike, b
                 hs = evaluate(hc.scores(crit), hc.preds, hc.labels, costs, sol.thresholds, steps, heldout_split)
                 budget = Budget(pipe.exits[-1], steps, tuple(sol.thresholds), None, True,
                                 exit_fractions=tuple(st.exit_fractions))
-                for d in decoded[:3]:  # warm the engines for these thresholds
-                    pipe(d, budget)
-                measured = [_model_ms(pipe(d, budget)) for d in decoded]
+                for path in paths[:3]:  # warm the engines for these thresholds
+                    pipe(path, budget)
+                measured = [_model_ms(pipe(path, budget)) for path in paths]
                 target.heldout_predicted_ms, target.heldout_accuracy = hs.avg_gflops, hs.accuracy
                 target.heldout_measured_ms, target.heldout_n = float(np.mean(measured)), len(measured)
             result.targets.append(target)
