@@ -520,8 +520,9 @@ def run_cmd(
     checkpoint: Path = typer.Option(None, "--checkpoint", help="PyTorch checkpoint (for --engine torch)."),
     batch: int = typer.Option(1, "--batch", help="Videos in flight at once, their engine calls batched per stage "
                               "(results then come in the order videos finish)."),
-    chunk: str = typer.Option("auto", "--chunk", help="Focus steps per backbone call: N, or auto (1 on the CPU, "
-                              "all steps on a GPU); a hard --budget cuts a chunk to the steps that fit."),
+    chunk: str = typer.Option("auto", "--chunk", help="Focus steps per backbone call: N, or auto (planned per "
+                              "step from this device's profile; without one 1 on the CPU, all steps on a GPU); "
+                              "a hard --budget or a deadline cuts a chunk to the steps that fit."),
     stream: bool = typer.Option(False, "--stream", help="Treat the video files as live streams, replayed at their "
                                 "own frame rate (a result per window)."),
     window: float = typer.Option(None, "--window", help="Live streams: seconds of stream a result looks at "

@@ -543,9 +543,11 @@ class Pipeline:
         return float(self.exits[flight.steps] + max(0, wasted) * backbone)
 
     def set_chunk(self, chunk: int | str | None) -> int:
-        """Focus steps per backbone call: a number (cut to the steps a video has left), or ``auto``/None: 1
-        on the CPU, where a batched call costs about what its single calls do, and every step at once on a
-        GPU, where the calls, not the FLOPs, bound the time (not measured here: no GPU). Returns it."""
+        """Focus steps per backbone call: a number (cut to the steps a video has left), or ``auto``/None:
+        with a profile of this device (``adafocus profile``) the chunks are planned per step and budget
+        (:mod:`adafocus.runtime.plan`); without one 1 on the CPU, where a batched call costs about what its
+        single calls do, and every step at once on a GPU, where the calls, not the FLOPs, bound the time
+        (not measured: no GPU). Returns the fixed chunk."""
         steps = len(self.exits) - 1
         self.chunk_auto = False
         if chunk is None or (isinstance(chunk, str) and chunk.strip().lower() == "auto"):
