@@ -158,6 +158,8 @@ def test_stale_and_malformed_profiles_are_refused(bundle):
     with Pipeline.from_bundle(bundle, engine="ort", chunk=1) as pipe, \
             pytest.raises(ConfigError, match="measure it again"):
         pipe.budget("30ms")
+    with Pipeline.from_bundle(bundle, engine="ort") as pipe:  # GFLOPs budgets do not need the stale profile
+        assert not pipe.chunk_auto and pipe(sample_videos()[0], "0.08").exit_reason
     data = json.loads(json.dumps(prof.to_dict()))
     data["fixed"]["step"] = "fast"
     path.write_text(json.dumps(data))
@@ -373,6 +375,7 @@ def test_bench_reports_predicted_and_deadline_figures(bundle):
 
 @pytest.mark.parametrize("args,line", [
     (["--budgets", "5ms,0.07"], "mixes times and GFLOPs"),
+    (["--budgets", "10ms,2secs"], "'2secs' is not a time"),
     (["--budgets", "5ms", "--max-gflops", "0.1"], "are for GFLOPs budgets, not times"),
     (["--budgets", "5ms"], "run `adafocus profile"),
 ])
@@ -410,3 +413,28 @@ def test_deadline_learns_a_slower_machine(bundle):
     cost.observe(10.0, 0.0)  # nothing predicted: nothing learnt
     cost.observe(1000.0, 1.0)  # a stall counts as 1.5x
     assert cost.slow == pytest.approx(0.8 * 1.244 + 0.2 * 1.5)
+
+
+def test_batched_deadlines_price_the_whole_round(bundle):
+    """Two videos in one call: the policy check prices the round both wait for (2 x 2 ms + one step of both,
+    23 ms), and chunks are cut to the smallest a deadline allowed, since both wait for the longer one."""
+    prof = synthetic_profile(bundle, backbone=lambda n: 11.0 * n, head=1.0, glance=5.0, policy=2.0)
+    from adafocus.bundle import load_bundle
+
+    cost = CostModel(prof, load_bundle(bundle).manifest)
+    assert cost.policy_round(2) == pytest.approx(4.0) and cost.policy(2) == pytest.approx(2.0)
+    with Pipeline.from_bundle(bundle, engine="ort", chunk=4) as pipe:
+        b = pipe.budget("40ms")
+        timed = Budget(b.gflops, b.max_steps, None, ms=b.ms)
+        free = Budget(b.gflops, b.max_steps, None)
+        clock = driven(pipe, prof)
+        flights = [pipe._flight(pipe.decode(v), bud) for v, bud in zip(sample_videos()[:2], (timed, free),
+                                                                      strict=True)]
+        sched = pipe.scheduler()
+        sched.max_batch = {"global": 2}
+        done = {f.key: f for f in sched.run(flights, slots=2)}
+    first, second = (done[str(v)] for v in sample_videos()[:2])
+    # glance 10 ms (two videos), policy round 4 -> 14 ms; chunk of 1 for both (26 ms a round of 2 videos):
+    # 40 ms leaves room for one round only, and the free video's chunk of 4 is cut to 1 alongside it
+    assert (first.steps, first.reason) == (1, "deadline") and first.ran == [1] and second.ran[0] == 1
+    assert clock.now > 100.0

@@ -2,8 +2,8 @@
 
 For every stage the p50 and p90 wall time of one engine call per batch size (the backbone per number of
 patches: a chunk of one video's steps, or the chunks of several videos), after a warm-up, on random inputs of
-the manifest's shapes; then the fixed costs around the engines, fitted from whole-pipeline runs on a synthetic
-video (glance only, and every step without early exit) so that the cost model adds up to what the runtime
+the manifest's shapes; then the fixed costs around the engines, fitted from whole-pipeline runs on real video
+files (glance only, and every step without early exit) so that the cost model adds up to what the runtime
 measures. See :mod:`adafocus.runtime.profile` for the file and the cost model.
 """
 
@@ -132,6 +132,8 @@ def _fixed_costs(pipe, stages, min_reps: int, videos: list[str]) -> tuple[FixedC
     plan), and what each focus step adds beyond its backbone and head calls."""
     from adafocus.runtime.budget import Budget
 
+    if not videos:
+        raise ConfigError("adafocus profile needs video files to fit the fixed costs on: give VIDEOS")
     exits = pipe.exits
     steps = len(exits) - 1
     runs = (("glance_only", Budget(exits[0], 0, None)), ("full", Budget(exits[-1], steps, None)))

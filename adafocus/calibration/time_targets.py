@@ -37,7 +37,14 @@ def is_time_budgets(text: str | None) -> bool:
 def parse_time_budgets(text: str) -> list[float]:
     from adafocus.runtime.budget import parse_ms
 
-    return sorted({parse_ms(p.strip()) for p in text.replace(";", ",").split(",") if p.strip()})
+    out = set()
+    for part in (p.strip() for p in text.replace(";", ",").split(",")):
+        if part:
+            ms = parse_ms(part)
+            if ms is None:
+                raise BudgetError(f"time target {part!r} is not a time (e.g. 10ms or 0.01s)")
+            out.add(ms)
+    return sorted(out)
 
 
 @dataclass

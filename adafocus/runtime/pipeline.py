@@ -552,7 +552,8 @@ class Pipeline:
         self.chunk_auto = False
         if chunk is None or (isinstance(chunk, str) and chunk.strip().lower() == "auto"):
             value = 1 if not self._on_gpu else steps
-            self.chunk_auto = self.cost_model(required=False) is not None  # plan from this device's profile
+            # plan from this device's profile (of one view: with more views the fixed rule)
+            self.chunk_auto = self.views == 1 and self.cost_model(required=False) is not None
         else:
             try:
                 value = int(chunk)

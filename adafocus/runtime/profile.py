@@ -37,7 +37,7 @@ class Quantiles:
 
 @dataclass
 class FixedCosts:
-    """Host work around the engines, in ms (fitted from whole-pipeline runs on synthetic videos)."""
+    """Host work around the engines, in ms (fitted from whole-pipeline runs on real video files)."""
 
     preprocess_frame: float  # resize + crop + normalise one decoded frame (as the runtime does it)
     video: float  # per video: everything but engine calls and preprocessing, up to the glance's exit
@@ -144,7 +144,12 @@ def find_profile(bundle, engine: str, precision: str, device: str, threads: int 
     paths = profile_paths(bundle.path)
     for p in paths:
         if p.stem == want:
-            return read_profile(p, bundle.manifest)
+            try:
+                return read_profile(p, bundle.manifest)
+            except ConfigError:
+                if required:
+                    raise
+                return None  # stale or damaged: not used (a time budget says why, in one line)
     if not required:
         return None
     cmd = (f"adafocus profile {bundle.path} --engine {engine} --device {device}"
@@ -201,7 +206,12 @@ class CostModel:
         return pre * f.preprocess_frame + self.stage("global", batch, q) / batch + f.video
 
     def policy(self, batch: int = 1, q: str = "p50") -> float:
+        """One video's share of a policy call on ``batch`` videos, with its host work."""
         return self.stage("policy", batch, q) / batch + self.profile.fixed.policy
+
+    def policy_round(self, batch: int = 1, q: str = "p50") -> float:
+        """The policy stage of ``batch`` videos, which every one of them waits for."""
+        return self.stage("policy", batch, q) + batch * self.profile.fixed.policy
 
     def chunk(self, n: int, batch: int = 1, q: str = "p50") -> float:
         """A chunk of ``n`` focus steps of each of ``batch`` videos (one backbone call, n head calls): the

@@ -142,7 +142,7 @@ class Flight:
     ran: list[int] = field(default_factory=list)  # the size of every backbone call the flight made, in order
     context: Any = None
     state: Any = None  # the base family's running classifier state [1, D]
-    reason: str = ""  # "confident", "budget", "last" once done; "error" when an engine call failed
+    reason: str = ""  # "confident", "budget", "deadline", "last" once done; "error" when an engine call failed
     error: Exception | None = None
     timings_ms: dict[str, float] = field(default_factory=lambda: dict.fromkeys(("glance", "policy", "crop",
                                                                                      "local"), 0.0))
@@ -203,7 +203,6 @@ class StepScheduler:
         self.max_batch = dict(max_batch or {})  # step ("global", "policy", "local") -> most flights per call
         self.family = FAMILIES[manifest.family](manifest)
         self.cost = cost  # a profile's CostModel: needed by flights with a deadline
-        self._observed: tuple[float, int, int] | None = None  # a local round to measure against the profile
         self.clock = clock  # what deadlines are read on (seconds)
         self.stats = BatchStats()
 
@@ -301,7 +300,7 @@ class StepScheduler:
                                                             "context": g["context"][lo:hi]}
 
     def _policy(self, flights: list[Flight]) -> None:
-        flights = self._in_time(flights, lambda n: (self.cost.policy(n, "p90") + self.cost.chunk(1, n, "p90"))
+        flights = self._in_time(flights, lambda n: (self.cost.policy_round(n, "p90") + self.cost.chunk(1, n, "p90"))
                                 * self.cost.slow)
         if not flights:
             return
@@ -337,15 +336,13 @@ class StepScheduler:
         the focus frames left out (it is the frame source's ``preprocess_ms``)."""
         fam, xp = self.family, self.xp
         sizes = [self._chunk(f, len(flights)) for f in flights]
-        for f, n in zip(flights, sizes, strict=True):
-            if n == 0:  # not even one more step fits before its deadline
-                f.reason = "deadline"
-        flights = [f for f, n in zip(flights, sizes, strict=True) if n]
-        sizes = [n for n in sizes if n]
-        if not flights:
-            return 0.0
+        timed = self.cost is not None and any(f.deadline is not None for f in flights)
+        if timed:
+            flights, sizes = self._cut_to_deadlines(flights, sizes)
+            if not flights:
+                return 0.0
         tick = time.perf_counter()
-        self._observed = None if self.cost is None or len(set(sizes)) > 1 else (self.clock(), sizes[0], len(flights))
+        observed = (self.clock(), sizes[0], len(flights)) if timed and len(set(sizes)) == 1 else None
         lazy_before = sum(f.source.preprocess_ms for f in flights)
         rows = [fam.patches(f, n, xp) for f, n in zip(flights, sizes, strict=True)]
         crop_ms = (time.perf_counter() - tick) * 1e3 - (sum(f.source.preprocess_ms for f in flights) - lazy_before)
@@ -368,10 +365,24 @@ class StepScheduler:
             for f, (lo, hi) in zip(going, _row_spans(going), strict=True):
                 self._exit(f, _view_mean(logits, lo, hi))
             going = [f for f in going if pending[id(f)] and not f.reason]
-        if self._observed is not None and not any(pending[id(f)] for f in flights):  # every chunk ran whole
-            t0, n, b = self._observed
+        if observed is not None and not any(pending[id(f)] for f in flights):  # every chunk ran whole
+            t0, n, b = observed
             self.cost.observe((self.clock() - t0) * 1e3, self.cost.chunk(n, b))
         return crop_ms
+
+    @staticmethod
+    def _cut_to_deadlines(flights: list[Flight], sizes: list[int]) -> tuple[list[Flight], list[int]]:
+        """Flights with no step left before their deadline stop ("deadline"); the others' chunks are cut to
+        the smallest one a deadline allowed, since every flight of the call waits for the longest chunk."""
+        for f, n in zip(flights, sizes, strict=True):
+            if n == 0:
+                f.reason = "deadline"
+        kept = [(f, n) for f, n in zip(flights, sizes, strict=True) if n]
+        if not kept:
+            return [], []
+        cap = min(n for f, n in kept if f.deadline is not None) if any(f.deadline is not None for f, _ in kept) \
+            else max(n for _, n in kept)
+        return [f for f, _ in kept], [min(n, cap) for _, n in kept]
 
     def _chunk(self, f: Flight, batch: int = 1) -> int:
         """Steps in the flight's next backbone call: its chunk (planned per step, or fixed), cut to the steps
