@@ -34,15 +34,15 @@ def format_thresholds(solutions: list[ThresholdSolution], costs=None, dense=None
              f"{cal.split} videos" + (f", held out {held.n} {held.split} videos" if held is not None else ""), head]
     for s in solutions:
         q = "inf" if math.isinf(s.q) else f"{s.q:.3g}"
-        row = f"{s.budget_gflops:>9.4g}  {q:>8}  {s.calibration.avg_gflops:>14.4g} {_pct(s.calibration.accuracy):>7}"
+        row = f"{s.budget_gflops:>9.4g}  {q:>8}  {s.calibration.avg_gflops:>14.4g} {pct(s.calibration.accuracy):>7}"
         if s.heldout is not None:
             off = (s.heldout.avg_gflops / s.budget_gflops - 1) * 100
-            row += f"  {s.heldout.avg_gflops:>14.4g} {_pct(s.heldout.accuracy):>7} {off:>+8.1f}%"
+            row += f"  {s.heldout.avg_gflops:>14.4g} {pct(s.heldout.accuracy):>7} {off:>+8.1f}%"
         lines.append(row)
     if costs is not None:
         lines.append("exit costs (GFLOPs): " + ", ".join(f"{c:.4g}" for c in costs))
     if dense is not None:
-        lines.append(f"dense baseline: {dense.gflops:.4g} GFLOPs per video, top-1 {_pct(dense.accuracy)} on "
+        lines.append(f"dense baseline: {dense.gflops:.4g} GFLOPs per video, top-1 {pct(dense.accuracy)} on "
                      f"{dense.n} {dense.split} videos")
     return "\n".join(lines)
 
@@ -221,5 +221,6 @@ def compare_caches(ref: ExitCache, test: ExitCache, table: list[dict], criterion
                       float("nan"), ms, max_drop)
 
 
-def _pct(x: float) -> str:
-    return "-" if x != x else f"{100 * x:.1f}%"
+def pct(x: float | None) -> str:
+    """A share in [0, 1] as '93.3%'; '-' for None or nan (no labels)."""
+    return "-" if x is None or x != x else f"{100 * x:.1f}%"

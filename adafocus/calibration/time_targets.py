@@ -18,6 +18,7 @@ from typing import Any
 
 import numpy as np
 
+from adafocus.calibration.report import pct
 from adafocus.errors import BudgetError
 
 TIME_UNITS = ("ms", "s")
@@ -83,9 +84,9 @@ class TimeTargetsResult:
         lines.append(f"{'target':>8} {'pred. ms':>9} {'acc':>6} {'GFLOPs':>8} | {'held-out pred.':>14} "
                      f"{'measured':>9} {'acc':>6}")
         for t in self.targets:
-            held = (f"{t.heldout_predicted_ms:14.3f} {t.heldout_measured_ms:9.3f} {_pct(t.heldout_accuracy):>6}"
+            held = (f"{t.heldout_predicted_ms:14.3f} {t.heldout_measured_ms:9.3f} {pct(t.heldout_accuracy):>6}"
                     if t.heldout_measured_ms is not None else f"{'-':>14} {'-':>9} {'-':>6}")
-            lines.append(f"{t.budget_ms:6.4g}ms {t.predicted_ms:9.3f} {_pct(t.accuracy):>6} {t.gflops:8.4g} | {held}")
+            lines.append(f"{t.budget_ms:6.4g}ms {t.predicted_ms:9.3f} {pct(t.accuracy):>6} {t.gflops:8.4g} | {held}")
         return "\n".join(lines)
 
     def to_dict(self) -> dict:
@@ -169,5 +170,3 @@ def _round(x: float | None) -> float | None:
     return None if x is None or x != x else round(float(x), 6)
 
 
-def _pct(x: float | None) -> str:
-    return "-" if x is None or x != x else f"{100 * x:.1f}%"

@@ -25,6 +25,7 @@ from adafocus.device import parse_device, require_device
 from adafocus.errors import AdaFocusError, BudgetError, ConfigError, VideoError
 from adafocus.runtime.budget import Budget, make_budget, parse_ms
 from adafocus.runtime.engine_set import close_engines
+from adafocus.runtime.preprocess import lazy_candidates
 from adafocus.runtime.sampling import segment_indices
 from adafocus.runtime.scheduler import DeviceFrames, Flight, HostFrames, LazyHostFrames, StepScheduler
 
@@ -294,7 +295,7 @@ class Pipeline:
     @property
     def _lazy(self) -> bool:
         """Whether candidates are preprocessed on first use (the CPU base family: glance frames are candidates)."""
-        return not self._on_gpu and self.family == "base" and self.pre.glance_positions is not None
+        return lazy_candidates(self.family, self.pre, self.device)
 
     def scheduler(self, engines: dict[str, Any] | None = None) -> StepScheduler:
         """A step scheduler over this pipeline's engines, with ``engines`` replacing some of them for this

@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from adafocus.errors import ConfigError
+from adafocus.runtime.preprocess import lazy_candidates
 from adafocus.schema import SchemaError, read_record
 
 PROFILE_DIR = "profiles"
@@ -172,7 +173,7 @@ class CostModel:
         self.glance_frames = p.num_glance if p.glance_positions is None else len(p.glance_positions)
         self.frames = p.candidates + (p.num_glance if p.glance_positions is None else 0)
         # the CPU base family preprocesses the glance frames first, the focus frames as steps read them
-        self.lazy_frames = manifest.family == "base" and p.glance_positions is not None and prof.device == "cpu"
+        self.lazy_frames = lazy_candidates(manifest.family, p, prof.device)
         self._tables = {(s, q): sorted((int(k), getattr(v, q)) for k, v in prof.stages[s].items())
                         for s in TIMED_STAGES for q in ("p50", "p90")}
 
